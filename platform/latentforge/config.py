@@ -1,0 +1,192 @@
+"""Typed stage configs: dataclass defaults < YAML preset < command-line overrides.
+
+Every stage declares one dataclass whose fields carry a docstring right under them
+(torchtitan style). `parse_config` turns that class into an argparse parser whose help
+text is those docstrings, loads `--preset` (a name under the stage's preset directory
+or a YAML path), applies the overrides and returns a validated instance; `config_to_dict`
+gives the resolved values that go into the stage's manifest and MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right under each field) of a dataclass."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional or value is None:
+            return None
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            return _to_bool(value)
+        if tp in (int, float, str):
+            return tp(value)
+        if origin is typing.Literal:
+            if value not in typing.get_args(tp):
+                raise ConfigError(f"{name}: {value!r} is not one of {list(typing.get_args(tp))}")
+            return value
+        if origin in (list, tuple):
+            (item_tp, *_) = typing.get_args(tp) or (str,)
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [coerce(v.strip() if isinstance(v, str) else v, item_tp, name) for v in items if v != ""]
+            return items if origin is list else tuple(items)
+        if origin is dict or tp is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+            return dict(value)
+        if dataclasses.is_dataclass(tp):
+            return from_dict(tp, value) if isinstance(value, dict) else value
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{name}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from exc
+    return value
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {value!r}")
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build `cls` from a mapping, refusing keys the dataclass does not declare."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
+    return cls(**{k: coerce(v, hints[k], k) for k, v in data.items()})
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON/YAML-able values (for manifests and MLflow)."""
+    return dataclasses.asdict(config)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one `--flag` per field; help text from the field docstrings."""
+    parser = argparse.ArgumentParser(
+        description=description or (cls.__doc__ or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", default=None, help="YAML preset: a name under the stage's presets or a path")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = docs.get(f.name, "")
+        if tp is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=f"{help_text} (default: {default!r})")
+    return parser
+
+
+def resolve_preset(preset: str, preset_dir: str | Path | None) -> Path:
+    """A preset is a YAML path, or a bare name looked up in `preset_dir`."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    if preset_dir is not None:
+        candidate = Path(preset_dir) / f"{preset}.yaml"
+        if candidate.exists():
+            return candidate
+        known = sorted(p.stem for p in Path(preset_dir).glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset!r}; presets in {preset_dir}: {known}")
+    raise ConfigError(f"preset file not found: {preset}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a YAML mapping of option: value")
+    return data
+
+
+def parse_config(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    preset_dir: str | Path | None = None,
+    description: str | None = None,
+) -> C:
+    """Defaults < preset < command-line flags, validated by the dataclass's __post_init__.
+
+    `--print-config` prints the resolved YAML and exits 0, so users can check what a
+    `ray job submit` line will run with before spending cluster time.
+    """
+    parser = build_parser(cls, description)
+    args = vars(parser.parse_args(argv))
+    preset, print_only = args.pop("preset"), args.pop("print_config")
+    values: dict[str, Any] = load_yaml(resolve_preset(preset, preset_dir)) if preset else {}
+    values.update(args)
+    try:
+        config = from_dict(cls, values)
+    except ValueError as exc:  # ConfigError, or a __post_init__ check
+
+        parser.error(str(exc))
+    if print_only:
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        raise SystemExit(0)
+    return config

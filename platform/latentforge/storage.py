@@ -1,0 +1,114 @@
+"""fsspec paths: every stage reads and writes through these, so local dirs and s3:// behave alike.
+
+Writes are atomic: data goes to a hidden temp name beside the target and is renamed only
+when complete, so a reader (or a resumed run) never sees a half-written file. On object
+stores a rename is a copy+delete, but the temp object is still never listed as finished
+because readers only trust names recorded in a manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from typing import IO, Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+CHUNK = 1 << 20
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path inside it for a local path or URI."""
+    return url_to_fs(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI without mangling the scheme."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def temp_name(uri: str) -> str:
+    """A sibling name that never matches a finished file's pattern (see .gitignore: *.tmp-*)."""
+    head, _, tail = uri.rpartition("/")
+    return f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:12]}" if head else f".{tail}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file for writing; on clean exit fsync it and rename it onto `uri`."""
+    fs, path = filesystem(uri)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with fs.open(tmp, mode) as handle:
+            yield handle
+            _fsync(handle)
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def _fsync(handle: IO[Any]) -> None:
+    # Local files: make the bytes durable before the rename publishes them (kill -9 safety).
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(uri: str, data: bytes) -> None:
+    with atomic_open(uri, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_json(uri: str, obj: Any) -> None:
+    atomic_write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read().decode())
+
+
+def sha256_file(uri: str) -> str:
+    """Hex sha256 of a file, streamed in 1 MiB chunks."""
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def remove_stale_temps(dir_uri: str) -> int:
+    """Delete temp files left by a killed writer; returns how many were removed."""
+    fs, path = filesystem(dir_uri)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.ls(path, detail=False) if ".tmp-" in p.rsplit("/", 1)[-1]]
+    for p in stale:
+        fs.rm(p)
+    return len(stale)

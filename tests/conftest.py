@@ -1,0 +1,46 @@
+"""Session-wide fixtures: one real local Ray head, one in-process Ray driver attached to it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = REPO_ROOT.parent / "shared"
+sys.path.insert(0, str(REPO_ROOT))  # `tests.harness` and `jobs` for the tests
+
+from tests.harness.ray_head import RayHead  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    """A `ray start --head` cluster on 127.0.0.1 for the whole session (2 CPUs)."""
+    # A short temp dir: Ray's socket paths must stay under the 107-byte AF_UNIX limit.
+    temp_dir = Path(os.environ.get("LATENTFORGE_TEST_RAY_TMP", "/tmp")) / f"lf-ray-{os.getpid()}"
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    head = RayHead(temp_dir=temp_dir).start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_head: RayHead):
+    """This test process connected to `ray_head` as a driver (for in-process pipeline tests)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head.address, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def laion_sample() -> Path:
+    """The 10k real LAION rows from ../shared (skips when the checkout has no shared/)."""
+    path = SHARED / "data" / "laion_sample_10000.parquet"
+    if not path.exists():
+        pytest.skip("../shared/data/laion_sample_10000.parquet is not present")
+    return path

@@ -1,0 +1,1 @@
+"""Test harness shared by every stage's tests: loopback servers, local Ray, URL lists."""

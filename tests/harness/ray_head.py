@@ -1,0 +1,97 @@
+"""A real local Ray cluster started with `ray start --head` on 127.0.0.1, on private ports.
+
+Every port is chosen free so several test sessions on one machine never collide, and the
+head runs with `--block` in its own process group so teardown stops exactly this cluster
+(`ray stop` would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """The test's environment with this venv first on PATH (job entrypoints run `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class RayHead:
+    temp_dir: Path
+    num_cpus: int = 2
+    port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a subprocess that should use this cluster (jobs, `ray job submit`)."""
+        return venv_env(RAY_ADDRESS=self.address, RAY_API_SERVER_ADDRESS=self.dashboard_url, **extra)
+
+    def start(self, timeout_s: float = 120) -> "RayHead":
+        worker_lo = free_port() // 10 * 10
+        cmd = [
+            f"{VENV_BIN}/ray", "start", "--head", "--block", "--disable-usage-stats",
+            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+            "--temp-dir", str(self.temp_dir), "--num-cpus", str(self.num_cpus),
+            "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
+            "--ray-client-server-port", str(free_port()), "--node-manager-port", str(free_port()),
+            "--object-manager-port", str(free_port()), "--metrics-export-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()),
+            "--min-worker-port", str(worker_lo), "--max-worker-port", str(worker_lo + 200),
+        ]
+        log = open(self.temp_dir / "ray_start.log", "wb")
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        env=venv_env(), start_new_session=True)
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(self.temp_dir / 'ray_start.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"Ray head not ready in {timeout_s}s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
