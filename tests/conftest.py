@@ -44,3 +44,31 @@ def laion_sample() -> Path:
     if not path.exists():
         pytest.skip("../shared/data/laion_sample_10000.parquet is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, local artifact root) for the whole session."""
+    from tests.harness.mlflow_server import MlflowServer
+
+    server = MlflowServer(root=tmp_path_factory.mktemp("mlflow_server")).start()
+    yield server
+    server.stop()
+
+
+# --- ingest harness (loopback HTTP servers, URL lists) -------------------------------------------
+from tests.harness.http_server import LoopbackServer  # noqa: E402
+
+
+@pytest.fixture
+def http_server():
+    """A fresh threaded loopback HTTP server on 127.0.0.1 (see tests/harness/http_server.py)."""
+    with LoopbackServer("127.0.0.1") as server:
+        yield server
+
+
+@pytest.fixture
+def second_server():
+    """Another loopback server on 127.0.0.2: 'a different host' for redirect tests."""
+    with LoopbackServer("127.0.0.2") as server:
+        yield server

@@ -96,10 +96,15 @@ class StageRun:
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = (experiment.experiment_id if experiment else
-                         self.client.create_experiment(self.experiment, artifact_location=_local_artifact_root(uri)))
         parent = os.environ.get(PIPELINE_RUN_ENV)
+        experiment_id = None
+        if parent:
+            # Children must live in the parent's experiment, or the UI cannot nest them under it.
+            experiment_id = _safe("get parent run", lambda: self.client.get_run(parent).info.experiment_id)
+            if experiment_id is None:
+                parent = None
+        if experiment_id is None:
+            experiment_id = ensure_experiment(self.client, self.experiment, uri)
         tags = {**self.tags, **({"mlflow.parentRunId": parent} if parent else {})}
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
@@ -134,18 +139,125 @@ class StageRun:
             _safe("log_artifact", self.client.log_artifact, self.run_id, local_path, artifact_path)
 
     def log_manifest(self, dir_uri: str, digest: str, context: str, name: str | None = None) -> None:
-        """Record a stage's input ("input") or output ("output") manifest as an MLflow dataset."""
+        """Record a stage's input ("input") or output ("output") manifest as an MLflow dataset.
+
+        The dataset's digest is the manifest's sha256 (cut to MLflow's 36 characters) and its
+        source the manifest's URI, so the run that wrote a directory and every run that read it
+        share one digest: `upstream_runs` follows that link, and the UI lists it under
+        "Datasets used" with its context. The same facts go into `latentforge.<context>.*` tags.
+        """
         if self.active:
             _safe("log_input", self._log_dataset, dir_uri, digest, context, name)
 
     def _log_dataset(self, dir_uri: str, digest: str, context: str, name: str | None) -> None:
-        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.entities import DatasetInput, InputTag
 
-        dataset = Dataset(name=name or dir_uri.rstrip("/").rsplit("/", 1)[-1], digest=digest[:36],
-                          source_type="local" if "://" not in dir_uri else dir_uri.split("://")[0],
-                          source=f'{{"uri": "{dir_uri}/manifest.json"}}')
+        dataset = manifest_dataset(dir_uri, digest, name)
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[tag])])
+        self.set_tags({f"latentforge.{context}.manifest": manifest_uri_of(dir_uri),
+                       f"latentforge.{context}.digest": digest})
+
+
+def manifest_uri_of(dir_uri: str) -> str:
+    """The manifest's URI, absolute for local paths so the UI's source is unambiguous."""
+    base = dir_uri.rstrip("/")
+    if "://" not in base:
+        base = str(Path(base).resolve())
+    return f"{base}/manifest.json"
+
+
+def manifest_dataset(dir_uri: str, digest: str, name: str | None = None) -> Any:
+    """An `mlflow.entities.Dataset` for a stage directory: digest, source and a small profile."""
+    import json
+
+    from mlflow.entities import Dataset
+
+    uri = manifest_uri_of(dir_uri)
+    source_type = uri.split("://", 1)[0] if "://" in uri else "local"
+    profile: dict[str, Any] = {}
+    try:
+        from latentforge.manifest import read_manifest
+
+        manifest = read_manifest(dir_uri)
+        profile = {"stage": manifest.stage, "shards": len(manifest.shards), "samples": manifest.total_samples,
+                   "schema_version": manifest.schema_version}
+    except Exception:  # noqa: BLE001 - the profile is a courtesy; the digest is the identity
+        pass
+    return Dataset(name=name or dir_uri.rstrip("/").rsplit("/", 1)[-1], digest=digest[:36],
+                   source_type=source_type, source=json.dumps({"uri": uri}),
+                   profile=json.dumps(profile) if profile else None)
+
+
+def ensure_experiment(client: Any, name: str, uri: str | None = None) -> str:
+    """The id of experiment `name`, created (with artifacts beside a local sqlite store) if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_local_artifact_root(uri or tracking_uri()))
+    except Exception:  # a concurrent stage created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+class PipelineRun:
+    """The parent MLflow run of one pipeline invocation (the demo's): a context manager.
+
+    While it is open, LATENTFORGE_PIPELINE_RUN_ID names it, so every `StageRun` started in
+    this process or its children (Ray workers inherit the driver's environment through
+    `runtime_env`) becomes its child run and the UI shows the stages nested under it.
+    """
+
+    def __init__(self, name: str, experiment: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+        self.stage_run = StageRun("pipeline", run_name=name, experiment=experiment,
+                                  tags={"latentforge.pipeline": name, **(tags or {})})
+        self._previous: str | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.stage_run.run_id
+
+    def __enter__(self) -> "PipelineRun":
+        self._previous = os.environ.pop(PIPELINE_RUN_ENV, None)  # a pipeline is never a child
+        self.stage_run.__enter__()
+        if self.stage_run.run_id:
+            os.environ[PIPELINE_RUN_ENV] = self.stage_run.run_id
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        os.environ.pop(PIPELINE_RUN_ENV, None)
+        if self._previous is not None:
+            os.environ[PIPELINE_RUN_ENV] = self._previous
+        self.stage_run.__exit__(exc_type, exc, tb)
+
+
+def upstream_runs(run_id: str, client: Any = None) -> list[dict[str, str]]:
+    """Lineage: for each input dataset of `run_id`, the run(s) that logged it as their output.
+
+    Returns [{"input": dataset name, "digest": ..., "run_id": ..., "stage": ...}], following
+    the digests only one step back; call it again on a returned run id to go further.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient(tracking_uri=tracking_uri())
+    run = client.get_run(run_id)
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    out: list[dict[str, str]] = []
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), None)
+        if context != "input":
+            continue
+        digest = item.dataset.digest
+        found = client.search_runs(experiment_ids,
+                                   filter_string=f"dataset.digest = '{digest}' AND dataset.context = 'output'")
+        for producer in found:
+            if producer.info.run_id != run_id:
+                out.append({"input": item.dataset.name, "digest": digest, "run_id": producer.info.run_id,
+                            "stage": producer.data.tags.get("latentforge.stage", "")})
+    return out
 
 
 class AsyncMetricLogger:

@@ -1,0 +1,92 @@
+"""Prompt adherence for the demo's scenes: does a generated image show what its caption asks for?
+
+Two checks per image, pure numpy on RGB pixels (no learned classifier, so the number means
+the same thing before and after training):
+- colour: every pixel is labelled with the nearest palette colour, the background, or
+  "other" (too far from all of them); the requested colour must be the most frequent palette
+  colour and cover at least `min_fraction` of the image;
+- position: the centroid of the requested colour's pixels must lie in the half the caption
+  names (left/right/top/bottom).
+A model that ignores its prompt scores about 1/len(COLOURS) on colour by chance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+
+from latentforge.demo.scenes import BACKGROUND, COLOURS, parse_caption
+
+_NAMES = list(COLOURS)
+_PALETTE = np.array([COLOURS[n] for n in _NAMES] + [BACKGROUND], dtype=np.float32)
+BACKGROUND_LABEL = len(_NAMES)
+OTHER_LABEL = len(_NAMES) + 1
+
+
+def _as_array(image: Any) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {array.shape}")
+    return array.astype(np.float32)
+
+
+def classify_pixels(image: Any, max_distance: float = 100.0) -> np.ndarray:
+    """(H, W) labels: palette index (COLOURS order), BACKGROUND_LABEL or OTHER_LABEL."""
+    pixels = _as_array(image)
+    dist = np.linalg.norm(pixels[..., None, :] - _PALETTE, axis=-1)  # (H, W, K+1)
+    labels = dist.argmin(-1)
+    labels[dist.min(-1) > max_distance] = OTHER_LABEL
+    return labels
+
+
+def image_adherence(image: Any, caption: str, min_fraction: float = 0.03,
+                    max_distance: float = 100.0) -> dict[str, Any]:
+    """{colour_ok, position_ok, dominant} for one image and the caption it was generated from."""
+    colour, _shape, position = parse_caption(caption)
+    labels = classify_pixels(image, max_distance)
+    counts = np.bincount(labels.ravel(), minlength=OTHER_LABEL + 1)[: len(_NAMES)]
+    least = min_fraction * labels.size
+    dominant = _NAMES[int(counts.argmax())] if counts.max() >= least else None
+    wanted = labels == _NAMES.index(colour)
+    position_ok = False
+    if position is not None and wanted.sum() >= least:
+        ys, xs = np.nonzero(wanted)
+        cx, cy = (xs.mean() + 0.5) / labels.shape[1], (ys.mean() + 0.5) / labels.shape[0]
+        position_ok = bool({"left": cx < 0.5, "right": cx > 0.5, "top": cy < 0.5, "bottom": cy > 0.5}[position])
+    return {"colour_ok": dominant == colour, "position_ok": position_ok, "dominant": dominant}
+
+
+@dataclass
+class AdherenceResult:
+    """Shares of images (0..1) that follow their prompt."""
+
+    n: int
+    colour: float
+    """The requested colour dominates."""
+    position: float
+    """The requested colour sits where the caption says."""
+    both: float
+    chance_colour: float = 1.0 / len(COLOURS)
+
+    def as_metrics(self, prefix: str = "adherence") -> dict[str, float]:
+        return {f"{prefix}_{k}": float(v) for k, v in asdict(self).items() if k not in ("chance_colour",)}
+
+    def describe(self) -> str:
+        return (f"colour {self.colour:.0%}, position {self.position:.0%}, both {self.both:.0%} "
+                f"of {self.n} images")
+
+
+def score_images(pairs: Iterable[tuple[Any, str]], **kwargs: Any) -> AdherenceResult:
+    """Adherence over (image, caption) pairs; images are PIL images or (H, W, 3) arrays."""
+    rows = [image_adherence(image, caption, **kwargs) for image, caption in pairs]
+    if not rows:
+        return AdherenceResult(0, 0.0, 0.0, 0.0)
+    colour = np.mean([r["colour_ok"] for r in rows])
+    position = np.mean([r["position_ok"] for r in rows])
+    both = np.mean([r["colour_ok"] and r["position_ok"] for r in rows])
+    return AdherenceResult(len(rows), float(colour), float(position), float(both))
