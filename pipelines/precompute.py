@@ -1,0 +1,334 @@
+"""Precompute as a Ray Data graph: ingest shards -> VAE latents + CLIP text embeddings.
+
+    shard list --(CPU tasks: read tar, decode, resize/crop; one task per shard, streamed in
+    blocks of read_batch_size rows)--> encoder actor pool (num_gpus per actor on GPU clusters,
+    CPU actors otherwise; `concurrency` actors) --> driver-side writer (one temp tar per input
+    shard, renamed when the shard's trailer row and all its rows have arrived)
+
+Every input row becomes one output row (encoded, or marked with a skip reason), and each
+shard's reader ends with a trailer row carrying the number of rows it read, so the writer knows
+when a shard is complete without buffering it. Memory stays bounded by Ray Data's streaming
+backpressure; the driver holds only open tar handles. After each finished shard the manifest is
+rewritten, so a killed driver loses at most the shards in flight; a rerun skips finished shards
+and produces byte-identical tars. Finally the fidelity gate re-encodes a sample in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+
+from latentforge import storage
+from latentforge.config import ConfigError, config_to_dict
+from latentforge.manifest import ManifestError, manifest_digest
+from latentforge.precompute.config import PrecomputeConfig
+from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample
+from latentforge.precompute.stage import build_manifest, check_models, plan_run, save, write_empty_caption
+from latentforge.precompute.writer import ShardWriter
+from latentforge.reporting import format_rate, summary_table
+from latentforge.tracking import StageRun
+
+log = logging.getLogger("latentforge.precompute")
+
+TRAILER = "_end"
+CORRUPT = "corrupt_shard_tail"
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (ray job stop, a scheduler); the job exits 143."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph stages (run on Ray workers)
+# ---------------------------------------------------------------------------------------------
+
+def read_shards(batch: dict[str, np.ndarray], *, input_dir: str, resolution: int, resize_filter: str, crop: str,
+                seed: int, keep_empty_captions: bool, rows_per_block: int) -> Iterator[dict[str, np.ndarray]]:
+    """For each shard in the batch: stream its samples, preprocess, yield blocks, then a trailer row."""
+    blank = np.zeros((resolution, resolution, 3), dtype=np.uint8)
+    for shard in batch["shard"]:
+        shard = str(shard)
+        rows: list[tuple[str, str, str, str, np.ndarray, int]] = []
+        count = 0
+        seen: set[str] = set()
+        try:
+            for sample in iter_ingest_shard(storage.join(input_dir, f"{shard}.tar")):
+                if sample.key in seen:  # a duplicated key in a tar: keep the first
+                    continue
+                seen.add(sample.key)
+                status, image, record = preprocess_sample(sample, resolution, resize_filter, crop, seed,
+                                                          keep_empty_captions)
+                rows.append((shard, sample.key, status, record["caption"],
+                             json.dumps(record, ensure_ascii=False), image if image is not None else blank, -1))
+                count += 1
+                if len(rows) >= rows_per_block:
+                    yield _rows_to_batch(rows)
+                    rows = []
+        except Exception as exc:  # noqa: BLE001 - a truncated/corrupt tar: keep what was read, count the rest
+            logging.getLogger(__name__).warning("shard %s: stopped reading (%s: %s)", shard, type(exc).__name__, exc)
+            rows.append((shard, f"{shard}_corrupt", CORRUPT, "", "{}", blank, -1))
+            count += 1
+        rows.append((shard, f"{shard}_end", TRAILER, "", "{}", blank, count))
+        yield _rows_to_batch(rows)
+
+
+def _rows_to_batch(rows: list[tuple]) -> dict[str, np.ndarray]:
+    shard, key, status, caption, meta, image, count = zip(*rows)
+    return {"shard": np.array(shard), "key": np.array(key), "status": np.array(status),
+            "caption": np.array(caption, dtype=object), "meta": np.array(meta, dtype=object),
+            "image": np.stack(image), "count": np.array(count, dtype=np.int64)}
+
+
+class EncoderActor:
+    """Holds the VAE and text encoder on this actor's device; encodes the `ok` rows of each batch."""
+
+    def __init__(self, config: PrecomputeConfig, num_threads: int = 0) -> None:
+        import torch
+
+        from latentforge.precompute.encode import PrecomputeEncoder
+
+        if num_threads and not torch.cuda.is_available():
+            torch.set_num_threads(num_threads)
+        self.encoder = PrecomputeEncoder(config)
+        self.slow_s = config.slow_encode_s
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.slow_s:
+            time.sleep(self.slow_s)
+        return self.encoder.encode_batch(batch)
+
+
+def _probe(config: PrecomputeConfig) -> dict[str, Any]:
+    """Load the encoders once: their manifest records, weight hashes, latent shape, empty caption."""
+    import torch
+
+    from latentforge.models.vae import weight_files
+    from latentforge.precompute.encode import PrecomputeEncoder
+
+    encoder = PrecomputeEncoder(config, device="cpu", compute_dtype=torch.float32)
+    text_weights = config.text_encoder_weights or ""
+    weights = {"vae": weight_files(config.vae) if config.vae else {},
+               "text_encoder": ({"file": storage.sha256_file(text_weights)} if text_weights and storage.exists(text_weights)
+                                else {"tag": text_weights})}
+    empty_text, empty_pooled, length = encoder.empty_caption()
+    return {"models": {**encoder.describe(), "weights": weights}, "latent_shape": list(encoder.latent_shape),
+            "empty": (empty_text, empty_pooled, length)}
+
+
+def _fidelity(config: PrecomputeConfig, shard_names: list[str]) -> dict[str, Any]:
+    from latentforge.precompute.fidelity import check_fidelity
+
+    return check_fidelity(config, shard_names)
+
+
+def _one_process(fn: Any, gpus: float, *args: Any) -> Any:
+    """Run `fn` in ONE process: a 1-GPU Ray task on GPU clusters, else right here in the driver."""
+    import ray
+
+    if gpus >= 1:
+        return ray.get(ray.remote(num_gpus=1, num_cpus=1, max_retries=1)(fn).remote(*args))
+    return fn(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+def run(config: PrecomputeConfig) -> int:
+    """Run the stage; 0 ok, 1 stage failure, 2 bad config, 130/143 interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    previous_term = signal.getsignal(signal.SIGTERM)
+
+    def _on_term(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, _on_term)
+    except ValueError:  # not the main thread (tests running the stage in a thread)
+        previous_term = None
+    try:
+        plan = plan_run(config)
+    except (ConfigError, ManifestError, FileNotFoundError) as exc:
+        print(f"precompute: {exc}", file=sys.stderr)
+        return 2
+    run_name = config.run_name or f"precompute-{config.output.rstrip('/').rsplit('/', 1)[-1]}"
+    try:
+        with StageRun("precompute", run_name=run_name) as tracking:
+            tracking.log_params(config_to_dict(config))
+            tracking.log_manifest(config.input, plan.input_digest, "input")
+            return _run(config, plan, tracking)
+    except KeyboardInterrupt:
+        print("precompute: interrupted; finished shards are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("precompute: terminated; finished shards are kept, rerun to resume", file=sys.stderr)
+        return 143
+    except ManifestError as exc:
+        print(f"precompute: {exc}", file=sys.stderr)
+        return 2
+    except StageFailure as exc:
+        print(f"precompute FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+class StageFailure(RuntimeError):
+    """The stage ran but its result is not acceptable (fidelity breach, incomplete shards)."""
+
+
+def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    where = init_ray()
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    started = time.monotonic()
+    storage.makedirs(config.output)
+    removed = storage.remove_stale_temps(config.output)
+    if removed:
+        log.info("removed %d temp file(s) left by a killed run", removed)
+
+    probe = _one_process(_probe, gpus, config)
+    models = probe["models"]
+    check_models(plan.previous, models, config.output)
+    empty = write_empty_caption(config.output, *probe["empty"])
+    records = dict(plan.done)
+    latent_shape = probe["latent_shape"]
+
+    def publish(fidelity: dict[str, Any] | None = None) -> str:
+        return save(config.output, build_manifest(config, plan, records, models, latent_shape, empty, fidelity))
+
+    publish()
+    log.info("precompute: %d shard(s) done, %d to encode (%s)", len(plan.done), len(plan.pending), where)
+
+    session_counts: Counter = Counter()
+    if plan.pending:
+        session_counts = _encode(config, plan, records, publish, gpus)
+
+    missing = [s.name for s in plan.input_manifest.shards[: config.max_shards or None] if s.name not in records]
+    if missing:
+        publish()
+        raise StageFailure(f"{len(missing)} shard(s) did not finish: {missing[:5]}")
+
+    fidelity = _one_process(_fidelity, gpus, config, sorted(records))
+    digest = publish(fidelity)
+    elapsed = time.monotonic() - started
+    manifest_counts = build_manifest(config, plan, records, models, latent_shape, empty, fidelity).counts
+    tracking.log_metrics({**{f"count.{k}": v for k, v in manifest_counts.items()},
+                          "session.samples": session_counts["rows"],
+                          "session.samples_per_s": session_counts["rows"] / elapsed if elapsed else 0.0,
+                          "fidelity.max_rel_error": fidelity.get("max_rel_error", 0.0)})
+    tracking.log_manifest(config.output, digest, "output")
+    rows = [("output", config.output), ("shards", f"{len(records)} ({len(plan.done)} kept from an earlier run)"),
+            ("samples read", manifest_counts.get("samples", 0)), ("samples stored", manifest_counts.get("ok", 0))]
+    rows += [(f"skipped: {k[len('skipped_'):]}", v) for k, v in sorted(manifest_counts.items())
+             if k.startswith("skipped_")]
+    rows += [("this run", f"{session_counts['rows']:,} samples in {elapsed:,.1f} s, "
+                          f"{format_rate(session_counts['rows'], elapsed, 'samples')}"),
+             ("latent", f"{config.latent} {latent_shape} {config.dtype}"),
+             ("fidelity", f"max rel error {fidelity.get('max_rel_error', 0.0):.2e} "
+                          f"(tolerance {fidelity.get('tolerance')}, {fidelity.get('samples', 0)} samples)"),
+             ("ran on", where), ("library", _library_path())]
+    print(summary_table("precompute summary", rows), flush=True)
+    if not fidelity.get("passed", True):
+        raise StageFailure(f"fidelity gate: max relative error {fidelity['max_rel_error']:.3e} > tolerance "
+                           f"{fidelity['tolerance']:.3e} (worst: {fidelity.get('worst_key')})")
+    return 0
+
+
+def read_task_memory(config: PrecomputeConfig) -> int:
+    """Bytes a reader holds: a few blocks of decoded uint8 images plus the tar member in flight."""
+    return max(64 << 20, 4 * config.read_batch_size * config.resolution ** 2 * 3)
+
+
+def _library_path() -> str:
+    import latentforge
+
+    return str(latentforge.__file__).rsplit("/", 1)[0]
+
+
+def build_dataset(config: PrecomputeConfig, shard_names: list[str], gpus: float) -> Any:
+    """The Ray Data graph for `shard_names` (exposed for the benchmark)."""
+    import ray
+
+    items = [{"shard": name} for name in shard_names]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ctx = ds.context
+    ctx.execution_options.preserve_order = True  # deterministic tars: rows keep input order
+    ctx.enable_progress_bars = False
+    ds = ds.map_batches(
+        read_shards, batch_size=1, batch_format="numpy", num_cpus=1,
+        # A memory reservation for the decode buffers. Remote args that differ from the actors'
+        # also keep Ray Data from fusing decode into the encoder actors, so CPU decode/preprocess
+        # overlaps with encoding instead of running inside the actor.
+        memory=read_task_memory(config),
+        fn_kwargs={"input_dir": config.input, "resolution": config.resolution, "resize_filter": config.resize_filter,
+                   "crop": config.crop, "seed": config.seed, "keep_empty_captions": config.keep_empty_captions,
+                   "rows_per_block": config.read_batch_size},
+    )
+    if gpus > 0:
+        concurrency = config.concurrency or max(1, int(gpus // config.num_gpus_per_actor))
+        resources = {"num_gpus": config.num_gpus_per_actor, "num_cpus": config.num_cpus_per_actor}
+    else:
+        concurrency = config.concurrency or 1
+        resources = {"num_cpus": config.num_cpus_per_actor}
+    return ds.map_batches(
+        EncoderActor, batch_size=config.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        fn_constructor_kwargs={"config": config, "num_threads": max(1, int(config.num_cpus_per_actor))},
+        **resources,
+    )
+
+
+def _encode(config: PrecomputeConfig, plan: Any, records: dict, publish: Any, gpus: float) -> Counter:
+    from tqdm import tqdm
+
+    by_name = {s.name: s for s in plan.pending}
+    ds = build_dataset(config, list(by_name), gpus)
+    writers: dict[str, ShardWriter] = {}
+    keys: dict[str, set[str]] = {}
+    counts: Counter = Counter()
+    bar = tqdm(total=plan.pending_rows, unit="img", desc="precompute", disable=not config.progress,
+               mininterval=1.0 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for i in range(len(batch["key"])):
+                shard = str(batch["shard"][i])
+                writer = writers.get(shard)
+                if writer is None:
+                    writer = writers[shard] = ShardWriter(config.output, shard, config.dtype,
+                                                          input_sha256=by_name[shard].sha256)
+                    keys[shard] = set()
+                status = str(batch["status"][i])
+                if status == TRAILER:
+                    writer.expected = int(batch["count"][i])
+                else:
+                    key = str(batch["key"][i])
+                    if key in keys[shard]:
+                        continue  # a retried block delivered twice
+                    keys[shard].add(key)
+                    writer.add({name: batch[name][i] for name in batch})
+                    counts["rows"] += 1
+                    counts[status] += 1
+                    bar.update(1)
+                if writer.complete:
+                    records[shard] = writer.finish()
+                    del writers[shard], keys[shard]
+                    publish()
+                    log.info("shard %s: %d stored, skipped %s", shard, records[shard].samples,
+                             records[shard].stats["skipped"])
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.abort()
+    return counts

@@ -1,0 +1,103 @@
+"""`PrecomputeConfig`: what `jobs/precompute_latents.py` reads from presets and flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from latentforge.config import ConfigError
+from latentforge.models.vae import VAE_TYPES
+
+# Settings that decide the bytes of the output: a rerun into the same output must use the same.
+ENCODER_SETTINGS = (
+    "input", "vae", "vae_type", "patch_size", "text_encoder", "text_encoder_weights", "text_layer",
+    "resolution", "resize_filter", "crop", "latent", "dtype", "compute_dtype", "seed", "keep_empty_captions",
+)
+
+
+@dataclass
+class PrecomputeConfig:
+    """Encode ingest shards into VAE latents + CLIP text embeddings (one latent shard per input shard)."""
+
+    input: str = ""
+    """Ingest output directory (local path or fsspec URI) holding NNNNN.tar shards and manifest.json."""
+    output: str = ""
+    """Output directory for the latent shards and their manifest.json."""
+    vae: str = "stabilityai/stable-diffusion-2-1-base/vae"
+    """VAE weights: a local diffusers directory or a hub id (org/repo or org/repo/subfolder); unused for patchify."""
+    vae_type: str = "autoencoder_kl"
+    """autoencoder_kl | autoencoder_tiny | patchify (weight-free pixel_unshuffle, the demo's VAE)."""
+    patch_size: int = 2
+    """Patch size of the patchify VAE (latent channels = 3 * patch_size**2)."""
+    text_encoder: str = "ViT-H-14"
+    """open_clip model name (e.g. ViT-H-14, ViT-L-14, lf-tiny-clip)."""
+    text_encoder_weights: str | None = "laion2b_s32b_b79k"
+    """open_clip pretrained tag or a local checkpoint file (.safetensors preferred); none = random weights."""
+    text_layer: Literal["last", "penultimate"] = "penultimate"
+    """Which per-token states to store: last (after ln_final) or penultimate (SD 2.x)."""
+    resolution: int = 256
+    """Training resolution: images are resized (shorter side) and cropped to resolution x resolution."""
+    resize_filter: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"
+    """PIL resampling filter for the resize."""
+    crop: Literal["center", "random"] = "center"
+    """Crop after the resize: center, or random (seeded per key, reproducible)."""
+    latent: Literal["mean", "sample", "mean_std"] = "mean"
+    """Store the posterior mean, one sample (seeded per key), or mean and std (training samples)."""
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """Storage dtype of latents and text states (bf16 is stored as uint16 bits)."""
+    compute_dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    """Encoder compute dtype: auto = dtype on GPU actors, fp32 on CPU actors."""
+    seed: int = 0
+    """Seed for random crops, posterior samples and the fidelity subset."""
+    batch_size: int = 32
+    """Images per encoder call."""
+    read_batch_size: int = 64
+    """Rows per block emitted by the shard readers (decode/preprocess granularity)."""
+    concurrency: int = 0
+    """Encoder actors; 0 = one per GPU (num_gpus / num_gpus_per_actor) or one CPU actor when no GPU."""
+    num_gpus_per_actor: float = 1.0
+    """GPUs per encoder actor when the cluster has GPUs."""
+    num_cpus_per_actor: float = 1.0
+    """CPUs per encoder actor (also its torch thread count on CPU actors)."""
+    keep_empty_captions: bool = False
+    """Keep samples whose caption is empty (else they are skipped and counted)."""
+    fidelity_samples: int = 16
+    """Items re-encoded in fp32 after the run and compared with the stored arrays (0 = off)."""
+    fidelity_tolerance: float = 0.0
+    """Largest allowed relative error of the fidelity check; 0 = by dtype (fp32 1e-3, fp16 1e-2, bf16 5e-2)."""
+    max_shards: int = 0
+    """Encode only the first N input shards (0 = all); handy for a trial run."""
+    run_name: str | None = None
+    """MLflow run name (default: precompute-<output dir name>)."""
+    progress: bool = True
+    """Show a progress bar."""
+    slow_encode_s: float = 0.0
+    """Sleep this long per encoder batch: fault-injection tests and benchmarks only."""
+
+    def __post_init__(self) -> None:
+        if self.vae_type not in VAE_TYPES:
+            raise ConfigError(f"vae_type: {self.vae_type!r} is not one of {list(VAE_TYPES)}")
+        if self.vae_type != "patchify" and not self.vae:
+            raise ConfigError(f"vae: a directory or hub id is required for vae_type {self.vae_type}")
+        if self.vae_type == "patchify":
+            self.vae = ""
+        for name in ("resolution", "batch_size", "read_batch_size", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.concurrency < 0 or self.fidelity_samples < 0 or self.max_shards < 0:
+            raise ConfigError("concurrency, fidelity_samples and max_shards must be >= 0")
+        if self.fidelity_tolerance < 0:
+            raise ConfigError("fidelity_tolerance must be >= 0")
+        if self.num_gpus_per_actor <= 0 or self.num_cpus_per_actor <= 0:
+            raise ConfigError("num_gpus_per_actor and num_cpus_per_actor must be > 0")
+
+    def require_paths(self) -> None:
+        if not self.input or not self.output:
+            raise ConfigError("--input (ingest output dir) and --output (latent dir) are required")
+
+    @property
+    def tolerance(self) -> float:
+        return self.fidelity_tolerance or {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}[self.dtype]
+
+    def encoder_settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ENCODER_SETTINGS}

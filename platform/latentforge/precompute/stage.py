@@ -1,0 +1,113 @@
+"""Precompute stage bookkeeping (no Ray): input validation, resume plan, the output manifest."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from latentforge import formats, storage
+from latentforge.config import config_to_dict
+from latentforge.manifest import (Manifest, ManifestError, ShardRecord, manifest_digest, read_manifest,
+                                  require_same, write_manifest)
+from latentforge.precompute.config import ENCODER_SETTINGS, PrecomputeConfig
+from latentforge.precompute.preprocess import preprocessing_record
+
+EMPTY_FILES = ("empty_text.npy", "empty_pooled.npy")
+
+
+@dataclass
+class Plan:
+    """What a run has to do: the input, the shards already done (kept), the shards to encode."""
+
+    input_manifest: Manifest
+    input_digest: str
+    done: dict[str, ShardRecord] = field(default_factory=dict)
+    pending: list[ShardRecord] = field(default_factory=list)
+    """Input shard records still to encode."""
+    previous: Manifest | None = None
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(int(s.stats.get("rows", 0) or 0) or s.samples for s in self.pending)
+
+
+def plan_run(config: PrecomputeConfig) -> Plan:
+    """Read the ingest manifest, refuse an incompatible output dir, work out what is left."""
+    config.require_paths()
+    input_manifest = read_manifest(config.input, stage="ingest")
+    digest = manifest_digest(config.input)
+    shards = input_manifest.shards[: config.max_shards] if config.max_shards else list(input_manifest.shards)
+    previous = None
+    done: dict[str, ShardRecord] = {}
+    if storage.exists(storage.join(config.output, "manifest.json")):
+        previous = read_manifest(config.output, stage="precompute")
+        require_same(previous.config, config.encoder_settings(), ENCODER_SETTINGS, config.output)
+        inputs = {s.name: s.sha256 for s in shards}
+        for record in previous.shards:
+            # A shard is kept only when its tar is still the one recorded and its input did not change.
+            tar = storage.join(config.output, f"{record.name}.tar")
+            if (inputs.get(record.name) == record.stats.get("input_sha256") and storage.exists(tar)
+                    and storage.sha256_file(tar) == record.sha256):
+                done[record.name] = record
+    pending = [s for s in shards if s.name not in done]
+    return Plan(input_manifest, digest, done, pending, previous)
+
+
+def check_models(previous: Manifest | None, models: dict[str, Any], out_dir: str) -> None:
+    """Same settings but different weights (a re-uploaded hub model) must not mix either."""
+    if previous is None or not previous.models:
+        return
+    for part, keys in (("vae", ("type", "id", "scaling_factor", "shift_factor", "latent_channels", "downsample")),
+                       ("text_encoder", ("name", "weights", "layer", "width", "pooled_dim")),
+                       ("weights", ("vae", "text_encoder"))):
+        require_same(previous.models.get(part, {}), models.get(part, {}), keys, f"{out_dir} ({part})")
+
+
+def build_manifest(config: PrecomputeConfig, plan: Plan, records: dict[str, ShardRecord], models: dict[str, Any],
+                   latent_shape: list[int], empty: dict[str, Any] | None, fidelity: dict[str, Any] | None
+                   ) -> Manifest:
+    shards = sorted(records.values(), key=lambda r: r.name)
+    counts: Counter = Counter()
+    for record in shards:
+        counts["samples"] += int(record.stats.get("rows", record.samples))
+        counts["ok"] += record.samples
+        for reason, n in record.stats.get("skipped", {}).items():
+            counts[f"skipped_{reason}"] += int(n)
+    counts["skipped"] = counts["samples"] - counts["ok"]
+    counts["shards"] = len(shards)
+    return Manifest(
+        stage="precompute",
+        config=config_to_dict(config),
+        inputs=[{"uri": config.input, "sha256": plan.input_digest, "kind": "manifest"}],
+        shards=shards,
+        counts=dict(counts),
+        models=models,
+        extra={
+            "dtype": config.dtype,
+            "latent": config.latent,
+            "latent_shape": list(latent_shape),
+            "resolution": config.resolution,
+            "preprocessing": preprocessing_record(config.resolution, config.resize_filter, config.crop, config.seed),
+            "empty_caption": empty or {},
+            "fidelity": fidelity or {},
+            "complete": len(shards) == len(plan.done) + len(plan.pending),
+        },
+    )
+
+
+def write_empty_caption(out_dir: str, text: Any, pooled: Any, length: int) -> dict[str, Any]:
+    """Write empty_text.npy / empty_pooled.npy atomically; their manifest record."""
+    for name, array in zip(EMPTY_FILES, (text, pooled)):
+        storage.atomic_write_bytes(storage.join(out_dir, name), formats.encode_npy(array))
+    return {"files": list(EMPTY_FILES),
+            "sha256": {name: storage.sha256_file(storage.join(out_dir, name)) for name in EMPTY_FILES},
+            "text_length": length, "caption": ""}
+
+
+def save(out_dir: str, manifest: Manifest) -> str:
+    storage.makedirs(out_dir)
+    return write_manifest(out_dir, manifest)
+
+
+__all__ = ["Plan", "plan_run", "build_manifest", "check_models", "write_empty_caption", "save", "ManifestError"]

@@ -1,0 +1,149 @@
+"""Latent shard writer: one tar per input shard, written to a temp name and renamed when complete.
+
+Tars are byte-reproducible (fixed mtime/owner, USTAR, members in arrival order), so a rerun of
+a killed job produces the same file hashes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import IO, Any, Iterator
+
+import numpy as np
+
+from latentforge import formats, storage
+from latentforge.manifest import ShardRecord
+from latentforge.precompute.preprocess import STATUS_OK, split_member
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def sample_members(key: str, latent: np.ndarray, text: np.ndarray, pooled: np.ndarray,
+                   caption: str, meta: dict[str, Any]) -> dict[str, bytes]:
+    """The five members of one latent sample (``text`` already cut to the real tokens)."""
+    return {
+        f"{key}.latent.npy": formats.encode_npy(latent),
+        f"{key}.text.npy": formats.encode_npy(text),
+        f"{key}.pooled.npy": formats.encode_npy(pooled),
+        f"{key}.txt": caption.encode("utf-8"),
+        f"{key}.json": formats.encode_json(meta),
+    }
+
+
+@dataclass
+class ShardWriter:
+    """Accumulates one output shard; ``finish`` publishes it atomically and returns its record."""
+
+    out_dir: str
+    name: str
+    dtype: str
+    input_sha256: str = ""
+    expected: int | None = None
+    """Rows the reader found in the input shard (known once its trailer row arrives)."""
+    seen: int = 0
+    ok: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    _sum: float = 0.0
+    _sumsq: float = 0.0
+    _count: int = 0
+    _handle: IO[bytes] | None = None
+    _tar: tarfile.TarFile | None = None
+    _tmp: str = ""
+
+    @property
+    def uri(self) -> str:
+        return storage.join(self.out_dir, f"{self.name}.tar")
+
+    def _open(self) -> None:
+        fs, path = storage.filesystem(self.uri)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        self._tmp = storage.temp_name(path)
+        self._fs = fs
+        self._handle = fs.open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, row: dict[str, Any]) -> None:
+        """One row from the encoder: a sample (status ok), a skipped sample, or nothing else."""
+        if self._tar is None:
+            self._open()
+        self.seen += 1
+        status = str(row["status"])
+        if status != STATUS_OK:
+            self.skipped[status] += 1
+            return
+        key = str(row["key"])
+        length = int(row["text_length"])
+        meta = formats.decode_json(str(row["meta"]).encode("utf-8"))
+        meta["text_length"] = length
+        latent = np.asarray(row["latent"])
+        for name, data in sample_members(key, latent, np.asarray(row["text"])[:length], np.asarray(row["pooled"]),
+                                         str(row["caption"]), meta).items():
+            add_member(self._tar, name, data)  # type: ignore[arg-type]
+        values = formats.storage_to_tensor(latent, self.dtype).float().numpy()
+        values = values[0] if values.ndim == 4 else values  # mean_std: statistics of the mean
+        self._sum += float(values.sum(dtype=np.float64))
+        self._sumsq += float(np.square(values, dtype=np.float64).sum())
+        self._count += values.size
+        self.ok += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.seen >= self.expected
+
+    def finish(self) -> ShardRecord:
+        """Close, fsync, rename onto NNNNN.tar; the record for the manifest."""
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None and self._handle is not None
+        self._tar.close()
+        self._handle.flush()
+        try:
+            import os
+            os.fsync(self._handle.fileno())
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            pass
+        self._handle.close()
+        fs, path = storage.filesystem(self.uri)
+        fs.mv(self._tmp, path)
+        mean = self._sum / self._count if self._count else 0.0
+        var = max(self._sumsq / self._count - mean * mean, 0.0) if self._count else 0.0
+        stats = {"input_sha256": self.input_sha256, "rows": self.seen, "ok": self.ok,
+                 "skipped": dict(sorted(self.skipped.items())), "latent_mean": mean, "latent_std": var ** 0.5}
+        return ShardRecord(name=self.name, samples=self.ok, sha256=storage.sha256_file(self.uri), stats=stats)
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            try:
+                self._tar.close()
+                self._handle.close()  # type: ignore[union-attr]
+                self._fs.rm(self._tmp)
+            except Exception:  # noqa: BLE001 - best effort; stale temps are ignored and removed later
+                pass
+
+
+def iter_latent_shard(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) per sample of a latent tar, in order."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+        key, members = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, ext = split_member(member.name)
+            if key is not None and k != key:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        if key is not None:
+            yield key, members
