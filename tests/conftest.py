@@ -11,6 +11,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
 sys.path.insert(0, str(REPO_ROOT))  # `tests.harness` and `jobs` for the tests
+# `ray start --head` (Ray 2.60) turns token auth on; in-process drivers must read ~/.ray/auth_token,
+# and Ray reads this variable once, at import: set it before anything imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from tests.harness.ray_head import RayHead  # noqa: E402
 
@@ -72,3 +75,11 @@ def second_server():
     """Another loopback server on 127.0.0.2: 'a different host' for redirect tests."""
     with LoopbackServer("127.0.0.2") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def demo_smoke_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory):
+    """`jobs/demo.py --preset smoke` once per session, logging to `mlflow_server`."""
+    from tests.harness.demo_run import run_smoke_demo
+
+    return run_smoke_demo(tmp_path_factory.mktemp("demo_smoke"), mlflow_server.url)

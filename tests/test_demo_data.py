@@ -130,3 +130,15 @@ def test_server_serves_images_and_broken_urls(tmp_path) -> None:
         assert table[0]["caption"] == scenes[0].caption and set(table[0]) >= {"url", "caption", "colour"}
         assert json.loads((tmp_path / "build.json").read_text())["rows"] == 30
     assert server.requests == 0  # stopped
+
+
+def test_block_average_removes_pixel_noise_but_keeps_a_shape() -> None:
+    from latentforge.demo.adherence import block_average
+
+    rng = np.random.default_rng(1)
+    clean = np.asarray(render_scene("blue", "square", "right", 32, random.Random(2))).astype(np.float32)
+    noisy = np.clip(clean + rng.normal(0, 110, clean.shape), 0, 255).astype(np.uint8)
+    assert image_adherence(noisy, "a blue square on the right", grid=None)["colour_ok"] is False
+    assert image_adherence(noisy, "a blue square on the right")["colour_ok"] is True  # 8 x 8 cells
+    assert block_average(noisy, 8).shape == (8, 8, 3)
+    assert block_average(noisy, None).shape == (32, 32, 3)

@@ -234,6 +234,24 @@ class PipelineRun:
         self.stage_run.__exit__(exc_type, exc, tb)
 
 
+def log_metrics_to_run(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Add metrics to an existing (e.g. finished) run, such as a training run's post-hoc evaluation."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    _safe("log_metrics", lambda: MlflowClient(tracking_uri=tracking_uri()).log_batch(run_id, metrics=items))
+
+
+def log_artifact_to_run(run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+    """Add a file to an existing run's artifacts (e.g. samples made after training finished)."""
+    from mlflow.tracking import MlflowClient
+
+    _safe("log_artifact",
+          lambda: MlflowClient(tracking_uri=tracking_uri()).log_artifact(run_id, local_path, artifact_path))
+
+
 def upstream_runs(run_id: str, client: Any = None) -> list[dict[str, str]]:
     """Lineage: for each input dataset of `run_id`, the run(s) that logged it as their output.
 

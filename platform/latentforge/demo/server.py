@@ -143,3 +143,33 @@ def write_url_list(rows: Iterable[dict[str, str]], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m latentforge.demo.server SCENES_DIR URLS_OUT [--port P]`: serve built scenes until Ctrl-C.
+
+    Writes a URL list pointing at this server (for trying the ingest job by hand, see README).
+    """
+    import argparse
+    import time
+
+    from latentforge.demo.scenes import load_scenes
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("scenes", help="a directory written by the demo (demo_output/scenes)")
+    parser.add_argument("urls_out", help="where to write the URL list (.parquet)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--broken-every", type=int, default=250)
+    args = parser.parse_args(argv)
+    with DemoImageServer(args.scenes, port=args.port) as server:
+        write_url_list(url_rows(server, load_scenes(args.scenes), args.broken_every), args.urls_out)
+        print(f"serving {args.scenes} at {server.base_url}; URL list: {args.urls_out} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""`DemoConfig`: what `jobs/demo.py` (`make demo`) reads from jobs/configs/demo/*.yaml and flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from latentforge.config import ConfigError
+
+
+@dataclass
+class DemoConfig:
+    """The whole pipeline on generated scenes: ingest -> precompute -> train -> generate/evaluate."""
+
+    out: str = "demo_output"
+    """Where everything goes: scenes/, urls.parquet, shards/, latents/, checkpoints/, samples/."""
+    fresh: bool = True
+    """Start the stages from scratch (the generated scenes are reused when their settings match)."""
+    rows: int = 4000
+    """Scenes in the data set (balanced over 6 colours x 3 shapes x 4 positions)."""
+    image_size: int = 64
+    """Side of the generated scene images in px."""
+    broken_every: int = 250
+    """Every N-th URL is broken (404, an HTML page, a truncated PNG, in turn); 0 = none."""
+    samples_per_shard: int = 500
+    """Ingest shard size."""
+    seed: int = 0
+    """Seed of the scene generator, the training run and the sampling."""
+    resolution: int = 32
+    """Training resolution (precompute resizes/crops to it)."""
+    vae: str = ""
+    """VAE weights (diffusers dir or hub id) for --vae-type autoencoder_kl/autoencoder_tiny; '' = patchify."""
+    vae_type: str = "patchify"
+    """patchify (weight-free pixel_unshuffle, the default here) | autoencoder_kl | autoencoder_tiny."""
+    text_encoder: str = "lf-tiny-clip"
+    """open_clip model name; lf-tiny-clip is a tiny randomly initialised model shipped in the package."""
+    text_encoder_weights: str | None = None
+    """open_clip pretrained tag or checkpoint file; none with lf-tiny-clip = write a random checkpoint."""
+    text_layer: str = "last"
+    """Text encoder layer: last | penultimate."""
+    unet_preset: str = "tiny"
+    """UNet preset for training (tiny on CPU)."""
+    steps: int = 600
+    """Training steps."""
+    batch_size: int = 32
+    """Training batch size (global)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    num_workers: int = 1
+    """Ray Train workers."""
+    eval_every: int = 200
+    """In-training evaluation (sample grid + metrics in the training run) every N steps."""
+    checkpoint_every: int = 200
+    """Checkpoint every N steps."""
+    prompts: int = 48
+    """Prompts for the adherence measurement (cycling every colour x position pair)."""
+    sampler: str = "ddim"
+    """Sampler for the adherence samples."""
+    sample_steps: int = 25
+    """Denoising steps for the adherence samples."""
+    guidance: float = 3.0
+    """Classifier-free guidance for the adherence samples."""
+    num_cpus: int | None = None
+    """CPUs of the embedded local Ray (default: all)."""
+    experiment: str = "latentforge-demo"
+    """MLflow experiment of the demo's runs."""
+    ui_port: int = 5000
+    """Port printed in the `make mlflow` hint of the summary."""
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "image_size", "samples_per_shard", "resolution", "steps", "batch_size", "prompts",
+                     "sample_steps", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.vae_type not in ("patchify", "autoencoder_kl", "autoencoder_tiny"):
+            raise ConfigError(f"vae_type: {self.vae_type!r} is not patchify, autoencoder_kl or autoencoder_tiny")
+        if self.vae_type != "patchify" and not self.vae:
+            raise ConfigError(f"--vae (a diffusers directory or hub id) is required with --vae-type {self.vae_type}")
+        if self.vae and self.vae_type == "patchify":
+            raise ConfigError("--vae given: also pass --vae-type autoencoder_kl or autoencoder_tiny")
+        if self.text_encoder != "lf-tiny-clip" and not self.text_encoder_weights:
+            raise ConfigError("--text-encoder other than lf-tiny-clip needs --text-encoder-weights (tag or file)")
+        if self.resolution > self.image_size:
+            raise ConfigError("resolution must be <= image_size (the scenes are not upscaled)")
