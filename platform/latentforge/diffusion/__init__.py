@@ -1,0 +1,1 @@
+"""The latent-diffusion training objective (DDPM forward process, targets, loss weighting)."""

@@ -1,0 +1,157 @@
+"""`TrainConfig`: every option of the train stage (defaults < jobs/configs/train/*.yaml < flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from latentforge.config import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Train a latent-diffusion UNet on precomputed latents with Ray Train + Accelerate."""
+
+    data: str = ""
+    """Precompute output directory or fsspec URI (its manifest.json must have stage 'precompute')."""
+    unet: str = "tiny"
+    """UNet preset (tiny, sd15, sd2-base) or a diffusers UNet2DConditionModel config.json path."""
+    steps: int = 100
+    """Optimizer steps to train (the LR schedule spans exactly this many)."""
+    batch_size: int = 16
+    """Micro-batch size per worker; global batch = batch_size * num_workers * grad_accum."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear LR warm-up steps, then cosine decay to min_lr_ratio * lr at `steps`."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine decay, as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Accelerate mixed precision: bf16 (GPU or CPU), fp16 (GPU only, with loss scaling) or no."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass (less memory, about 30 percent more compute)."""
+    ema_decay: float = 0.9999
+    """EMA decay (diffusers EMAModel, warm-up (1+n)/(10+n) capped at this); 0 = no EMA, export raw weights."""
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the UNet predicts: the noise (epsilon) or the velocity (v_prediction)."""
+    snr_gamma: float = 0.0
+    """Min-SNR-gamma loss weighting (5.0 is the paper's value); 0 = unweighted MSE."""
+    offset_noise: float = 0.0
+    """Offset-noise strength (0.05-0.1 typical); 0 = off."""
+    cfg_dropout: float = 0.1
+    """Probability of replacing a caption by the empty caption (classifier-free guidance training)."""
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    """DDPMScheduler beta schedule."""
+    num_train_timesteps: int = 1000
+    """DDPM timesteps."""
+    seed: int = 0
+    """Seed for the weights, the noise/timestep generator and the data order."""
+    shuffle_buffer: int = 1000
+    """Local shuffle window (samples) within each worker's part of the data; permuted per epoch."""
+    val_samples: int = 0
+    """Samples held out (the last ones of the dataset) for the validation loss; 0 = none."""
+    num_workers: int = 1
+    """Ray Train workers (one per GPU with --use-gpu)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement strategy for the workers."""
+    storage_path: str = "train_runs"
+    """Where checkpoints and the export go: a local dir (single node, or shared) or an fsspec URI."""
+    storage_is_shared: bool = False
+    """Declare a local storage_path to be a shared filesystem mounted on every node (multi-node)."""
+    run_name: str = ""
+    """Run name (STORAGE/RUN_NAME); rerunning with the same name resumes. Empty = train-<timestamp>."""
+    checkpoint_every: int = 500
+    """Checkpoint every N steps (a final checkpoint is always written)."""
+    keep_checkpoints: int = 3
+    """Keep the last K checkpoints."""
+    max_failures: int = 2
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
+    log_every: int = 10
+    """Progress line on rank 0 every N steps (metrics go to MLflow every step, batched)."""
+    eval_every: int = 0
+    """Validation loss and in-training eval every N steps on rank 0 (0 = off)."""
+    eval_prompts: list[str] = field(default_factory=list)
+    """Prompts for the in-training eval (sample grid, CLIP score, FID); empty = validation loss only."""
+    eval_seeds: Optional[list[int]] = None
+    """One seed per prompt (default: 0, 1, ...)."""
+    eval_sampler: str = "ddim"
+    """Sampler for in-training samples."""
+    eval_steps: int = 20
+    """Sampler steps for in-training samples."""
+    eval_guidance: float = 4.0
+    """Classifier-free guidance scale for in-training samples."""
+    eval_fid_weights: Optional[str] = None
+    """Inception weights for in-training FID (None = no FID)."""
+    eval_clip_model: Optional[str] = None
+    """CLIP model for in-training CLIP score (None = no CLIP score)."""
+    eval_clip_weights: Optional[str] = None
+    """CLIP weights for in-training CLIP score."""
+    eval_set: Optional[str] = None
+    """Reference image set for in-training FID."""
+    eval_num_fid_samples: int = 256
+    """Images generated for in-training FID (only with eval_fid_weights)."""
+    trace_dir: Optional[str] = None
+    """Debug/test: each rank appends step, loss and sample keys as JSON lines under this directory."""
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "keep_checkpoints",
+                    "log_every", "shuffle_buffer", "num_train_timesteps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "cpus_per_worker"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "grad_clip", "snr_gamma", "offset_noise", "val_samples", "eval_every",
+                     "max_failures", "eval_num_fid_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.cfg_dropout <= 1:
+            raise ConfigError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ConfigError("mixed_precision fp16 needs --use-gpu (use bf16 or no on CPU)")
+        if self.eval_seeds is not None and self.eval_prompts and len(self.eval_seeds) != len(self.eval_prompts):
+            raise ConfigError(f"eval_seeds has {len(self.eval_seeds)} entries for {len(self.eval_prompts)} prompts")
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples one worker consumes per optimizer step."""
+        return self.batch_size * self.grad_accum
+
+    @property
+    def global_batch(self) -> int:
+        return self.samples_per_step * self.num_workers
+
+    def eval_config(self) -> Any:
+        """`latentforge.evaluation.in_training.InTrainingEvalConfig` from the eval_* fields.
+
+        Raises ImportError when the evaluation module is not installed; the caller decides.
+        """
+        from latentforge.evaluation.in_training import InTrainingEvalConfig
+
+        return InTrainingEvalConfig(
+            prompts=list(self.eval_prompts), seeds=self.eval_seeds, sampler=self.eval_sampler,
+            steps=self.eval_steps, guidance=self.eval_guidance, fid_weights=self.eval_fid_weights,
+            clip_model=self.eval_clip_model, clip_weights=self.eval_clip_weights, eval_set=self.eval_set,
+            num_fid_samples=self.eval_num_fid_samples,
+        )

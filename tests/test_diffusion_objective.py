@@ -1,0 +1,95 @@
+"""Pure functions of the training objective (no Ray, no UNet)."""
+
+import math
+
+import pytest
+import torch
+
+from latentforge.diffusion import objective
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def test_min_snr_weights_epsilon_and_v() -> None:
+    snr = torch.tensor([0.5, 5.0, 20.0])
+    eps = objective.min_snr_weights(snr, 5.0, "epsilon")
+    assert torch.allclose(eps, torch.tensor([1.0, 1.0, 5.0 / 20.0]))
+    v = objective.min_snr_weights(snr, 5.0, "v_prediction")
+    assert torch.allclose(v, torch.tensor([0.5 / 1.5, 5.0 / 6.0, 5.0 / 21.0]))
+    assert torch.equal(objective.min_snr_weights(snr, 0.0, "epsilon"), torch.ones(3))
+    with pytest.raises(ValueError):
+        objective.min_snr_weights(snr, 5.0, "sample")
+
+
+def test_snr_matches_alphas_cumprod_and_falls_with_t() -> None:
+    sched = objective.make_scheduler("scaled_linear")
+    t = torch.tensor([0, 500, 999])
+    a = sched.alphas_cumprod[t]
+    assert torch.allclose(objective.snr(sched, t), a / (1 - a))
+    s = objective.snr(sched, t)
+    assert s[0] > s[1] > s[2]
+
+
+def test_offset_noise_adds_a_per_channel_constant() -> None:
+    latents = torch.zeros(512, 4, 8, 8)
+    plain = objective.sample_noise(latents, gen(1))
+    assert torch.equal(plain, objective.sample_noise(latents, gen(1), offset_noise=0.0))
+    offset = objective.sample_noise(latents, gen(1), offset_noise=0.5)
+    # the i.i.d. part is the same draw; the difference is constant over h, w for each (b, c)
+    diff = offset - plain
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-5)
+    assert 0.4 < float(diff[:, :, 0, 0].std()) < 0.6
+    # per-channel means: std 1/8 without offset, sqrt(0.25 + 1/64) with it
+    assert float(plain.mean(dim=(2, 3)).std()) < 0.2
+    assert float(offset.mean(dim=(2, 3)).std()) > 0.4
+
+
+def test_targets_epsilon_and_velocity() -> None:
+    latents = torch.randn(3, 4, 8, 8, generator=gen(2))
+    noise = torch.randn(3, 4, 8, 8, generator=gen(3))
+    t = torch.tensor([10, 400, 900])
+    eps_sched = objective.make_scheduler(prediction_type="epsilon")
+    assert torch.equal(objective.training_target(eps_sched, latents, noise, t), noise)
+    v_sched = objective.make_scheduler(prediction_type="v_prediction")
+    a = v_sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = a.sqrt() * noise - (1 - a).sqrt() * latents
+    assert torch.allclose(objective.training_target(v_sched, latents, noise, t), expected, atol=1e-6)
+
+
+def test_beta_schedule_is_configurable() -> None:
+    assert math.isclose(float(objective.make_scheduler("scaled_linear").betas[0]), 0.00085, rel_tol=1e-4)
+    assert math.isclose(float(objective.make_scheduler("linear").betas[0]), 0.0001, rel_tol=1e-4)
+    cos = objective.make_scheduler("squaredcos_cap_v2")
+    assert cos.config.beta_schedule == "squaredcos_cap_v2"
+    with pytest.raises(ValueError):
+        objective.make_scheduler("quadratic")
+
+
+def test_weighted_mse() -> None:
+    pred, target = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    assert float(objective.weighted_mse(pred, target)) == 1.0
+    assert float(objective.weighted_mse(pred, target, torch.tensor([1.0, 0.0]))) == 0.5
+
+
+def test_caption_dropout_swaps_in_the_empty_caption() -> None:
+    text, mask = torch.randn(4, 5, 3), torch.tensor([[1, 1, 1, 0, 0]] * 4)
+    empty = torch.full((2, 3), 7.0)
+    out, out_mask, dropped = objective.caption_dropout(text, mask, empty, 1.0, gen())
+    assert dropped.all()
+    assert torch.equal(out[:, :2], empty.expand(4, 2, 3)) and torch.equal(out[:, 2:], torch.zeros(4, 3, 3))
+    assert torch.equal(out_mask, torch.tensor([[1, 1, 0, 0, 0]] * 4))
+    same, same_mask, none = objective.caption_dropout(text, mask, empty, 0.0, gen())
+    assert not none.any() and torch.equal(same, text) and torch.equal(same_mask, mask)
+
+
+def test_posterior_sampling() -> None:
+    mean = torch.randn(2, 4, 8, 8, generator=gen(4))
+    stacked = torch.stack([mean, torch.zeros_like(mean)], dim=1)
+    assert torch.equal(objective.sample_posterior(stacked, gen()), mean)
+    stacked[:, 1] = 1.0
+    z = objective.sample_posterior(stacked, gen(5))
+    assert 0.8 < float((z - mean).std()) < 1.2
