@@ -52,7 +52,7 @@ class PrecomputeConfig:
     batch_size: int = 32
     """Images per encoder call."""
     read_batch_size: int = 64
-    """Rows per block emitted by the shard readers (decode/preprocess granularity)."""
+    """Rows per block emitted by the shard readers, rounded down to a multiple of batch_size."""
     concurrency: int = 0
     """Encoder actors; 0 = one per GPU (num_gpus / num_gpus_per_actor) or one CPU actor when no GPU."""
     num_gpus_per_actor: float = 1.0

@@ -29,7 +29,7 @@ class Plan:
 
     @property
     def pending_rows(self) -> int:
-        return sum(int(s.stats.get("rows", 0) or 0) or s.samples for s in self.pending)
+        return sum(s.samples for s in self.pending)
 
 
 def plan_run(config: PrecomputeConfig) -> Plan:
