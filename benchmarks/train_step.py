@@ -143,16 +143,24 @@ def cpu_benchmark(args) -> dict:
           f"DiffusionTrainer: {results['trainer_samples_per_s']:.1f} samples/s", flush=True)
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    import ray
+
+    from tests.harness.ray_head import free_port
+
+    # RAY_ADDRESS is set *before* the nodes start so every process of this cluster inherits it:
+    # Ray Train's placement-group cleaner otherwise auto-detects "the latest" Ray instance on a
+    # machine that runs several, and may ask another cluster whether our controller is alive.
+    port = free_port()
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": port,
+                                                            "dashboard_port": free_port()})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    os.environ["RAY_ADDRESS"] = cluster.address
+    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     try:
         results["job_x1"] = job_run(work, info, args, 1)
         results["job_x2"] = job_run(work, info, args, 2)
     finally:
-        import ray
-
         ray.shutdown()
         cluster.shutdown()
     x1, x2 = results["job_x1"]["samples_per_s"], results["job_x2"]["samples_per_s"]

@@ -43,10 +43,20 @@ def _cluster_main(work: Path) -> None:
     from tests.harness.latent_shards import write_latent_dataset
 
     write_latent_dataset(work / "latents", shard_sizes=[30, 10], width=32, latent="mean_std")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    import ray
+
+    from tests.harness.ray_head import free_port
+
+    # RAY_ADDRESS is set *before* the nodes start so every process of this cluster inherits it:
+    # Ray Train's placement-group cleaner otherwise auto-detects "the latest" Ray instance on a
+    # machine that runs several, and may ask another cluster whether our controller is alive.
+    port = free_port()
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": port,
+                                                            "dashboard_port": free_port()})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    os.environ["RAY_ADDRESS"] = cluster.address
+    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     from jobs.train import main
 
     codes = {"A": main(_args(work, "A"))}
@@ -55,8 +65,6 @@ def _cluster_main(work: Path) -> None:
     del os.environ["LATENTFORGE_FAULT_KILL_AT"]
     codes["C"] = main(_args(work, "B", steps=8))
     (work / "codes.json").write_text(json.dumps(codes))
-    import ray
-
     ray.shutdown()
     cluster.shutdown()
 
