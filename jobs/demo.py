@@ -351,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("demo: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - set-up failures (Ray start, disk): one clear line, exit 1
+        logging.getLogger("demo").debug("failure", exc_info=True)
+        print(f"demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     print("\n" + summary_text(config, Paths(config.out), result), flush=True)
     return 0
 

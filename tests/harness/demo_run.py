@@ -29,7 +29,8 @@ class DemoRun:
 
 def run_smoke_demo(root: Path, tracking_uri: str, timeout_s: float = 600, *extra: str) -> DemoRun:
     out = root / "demo_output"
-    env = venv_env(MLFLOW_TRACKING_URI=tracking_uri)
+    # A busy CI machine can be slow to register the embedded Ray's raylet; give it time.
+    env = venv_env(MLFLOW_TRACKING_URI=tracking_uri, RAY_raylet_start_wait_time_s="120")
     for key in ("RAY_ADDRESS", "LATENTFORGE_PIPELINE_RUN_ID"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), "--preset", "smoke", "--out", str(out),

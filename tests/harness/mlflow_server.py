@@ -46,7 +46,7 @@ class MlflowServer:
             "--default-artifact-root", self.artifact_root.as_uri(), "--workers", "1",
         ]
 
-    def start(self, timeout_s: float = 120) -> "MlflowServer":
+    def start(self, timeout_s: float = 240) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
         self.artifact_root.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")

@@ -25,7 +25,7 @@ class DemoConfig:
     """Ingest shard size."""
     seed: int = 0
     """Seed of the scene generator, the training run and the sampling."""
-    resolution: int = 32
+    resolution: int = 16
     """Training resolution (precompute resizes/crops to it)."""
     vae: str = ""
     """VAE weights (diffusers dir or hub id) for --vae-type autoencoder_kl/autoencoder_tiny; '' = patchify."""
@@ -39,23 +39,23 @@ class DemoConfig:
     """Text encoder layer: last | penultimate."""
     unet_preset: str = "tiny"
     """UNet preset for training (tiny on CPU)."""
-    steps: int = 600
+    steps: int = 1200
     """Training steps."""
     batch_size: int = 32
     """Training batch size (global)."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     num_workers: int = 1
     """Ray Train workers."""
-    eval_every: int = 200
+    eval_every: int = 400
     """In-training evaluation (sample grid + metrics in the training run) every N steps."""
-    checkpoint_every: int = 200
+    checkpoint_every: int = 400
     """Checkpoint every N steps."""
     prompts: int = 48
     """Prompts for the adherence measurement (cycling every colour x position pair)."""
     sampler: str = "ddim"
     """Sampler for the adherence samples."""
-    sample_steps: int = 25
+    sample_steps: int = 15
     """Denoising steps for the adherence samples."""
     guidance: float = 3.0
     """Classifier-free guidance for the adherence samples."""
