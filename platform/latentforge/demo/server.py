@@ -146,7 +146,7 @@ def write_url_list(rows: Iterable[dict[str, str]], path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m latentforge.demo.server SCENES_DIR URLS_OUT [--port P]`: serve built scenes until Ctrl-C.
+    """`python -m latentforge.demo SCENES_DIR URLS_OUT [--port P]`: serve built scenes until Ctrl-C.
 
     Writes a URL list pointing at this server (for trying the ingest job by hand, see README).
     """
@@ -169,7 +169,3 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
