@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ def venv_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray 2.60's `ray start --head` turns token auth on; clients (drivers, `ray job submit`) then
+    # read the token from ~/.ray/auth_token only when told to.
+    env.setdefault("RAY_AUTH_MODE", "token")
     env.update(extra)
     return env
 
@@ -82,8 +86,11 @@ class RayHead:
             try:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
                     return
+            except urllib.error.HTTPError:
+                return  # any HTTP answer (401 under Ray's token auth) means the dashboard is up
             except OSError:
                 time.sleep(0.5)
+        self.stop()  # never leak a half-started head
         raise TimeoutError(f"Ray head not ready in {timeout_s}s")
 
     def stop(self) -> None:

@@ -1,0 +1,231 @@
+"""Ingest graph: shard descriptors -> Ray Data (one shard per task) -> manifest updates.
+
+    from_items([{shard, kind, start, end} ...], one block per shard)
+      .map(process_shard)            # one Ray task per shard; threads download inside it
+      .iter_rows()                   # streamed back to the driver as shards finish
+    -> IngestState.record(result)    # manifest.json rewritten atomically per finished shard
+
+The driver only ever holds the small descriptors and per-shard records, so its memory does not
+grow with the input; the streaming executor keeps at most the CPUs' worth of shards in flight.
+A kill -9 of the driver loses at most the in-flight shards; a rerun redoes exactly those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from latentforge import manifest as mf
+from latentforge import reporting, storage
+from latentforge.config import config_to_dict
+from latentforge.ingest.config import STATUSES, IngestConfig
+from latentforge.ingest.inputs import InputPlan, plan_input
+from latentforge.ingest.shards import process_shard
+from latentforge.ingest.state import IngestState, open_state
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run stops after recording what finished."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@dataclass
+class IngestResult:
+    output: str
+    counts: dict[str, int]
+    shards_done: int
+    rows_done: int
+    seconds: float
+    manifest_sha256: str
+    mlflow_run_id: str | None = None
+    summary: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.extra.get("ok_this_run", 0) / self.seconds if self.seconds > 0 else 0.0
+
+
+def _process(row: dict[str, Any], config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    # Runs in a Ray worker: rebuild the (small) config and plan and do one whole shard.
+    result = process_shard(json.loads(row["descriptor"]), IngestConfig(**config), InputPlan.from_dict(plan))
+    return {"result": json.dumps(result)}
+
+
+class _Signals:
+    """Turn SIGINT/SIGTERM into `Interrupted` in the driver (only from the main thread)."""
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.signal(sig, self._handler)
+            self.previous.setdefault(sig, old)
+
+    @staticmethod
+    def _handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            with contextlib.suppress(TypeError, ValueError):  # None: a handler set outside Python
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[_Signals]:
+    signals = _Signals()
+    signals.install()
+    try:
+        yield signals
+    finally:
+        signals.restore()
+
+
+class _NoRun:
+    run_id = None
+
+    def __enter__(self) -> "_NoRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="row", desc="ingest", disable=not enabled or total == 0,
+                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+
+def run(config: IngestConfig) -> IngestResult:
+    """Plan, validate and run the ingest; raises InputError/ManifestError before any download."""
+    from latentforge.tracking import StageRun
+
+    config.check_paths()
+    started = time.monotonic()
+    plan = plan_input(config.input, config.url_col, config.caption_col, config.hash_col, config.input_format)
+    state = open_state(config, plan)
+    descriptors = state.pending_base()
+    if config.retry_reasons:
+        descriptors += state.retry_descriptors(config.retry_reasons)
+    rows_todo = sum((d["end"] - d["start"]) if d["kind"] == "range" else len(d["rows"]) for d in descriptors)
+    run_name = config.run_name or f"ingest-{config.output.rstrip('/').rsplit('/', 1)[-1]}"
+    tracker: Any = StageRun("ingest", run_name=run_name) if config.mlflow else _NoRun()
+    ok_this_run = rows_this_run = shards_this_run = 0
+    digest = ""
+    interrupted: Interrupted | None = None
+    with tracker as run_, _signals_raise() as signals:
+        run_.log_params(config_to_dict(config))
+        try:
+            if descriptors:
+                where = _init_ray(config)
+                signals.install()  # again: ray.init replaces SIGTERM with a handler that aborts
+                log.info("ingest: %d shard(s), %d row(s) to do on %s", len(descriptors), rows_todo, where)
+                bar = _progress(rows_todo, config.progress)
+                try:
+                    for result in _execute(descriptors, config, plan):
+                        digest = state.record(result)
+                        rows = result["stats"]["rows"]
+                        ok_this_run += result["samples"]
+                        rows_this_run += rows
+                        shards_this_run += 1
+                        bar.update(rows)
+                        bar.set_postfix(ok=ok_this_run, shards=f"{shards_this_run}/{len(descriptors)}")
+                        run_.log_metrics({"rows_done": rows_this_run, "ok_done": ok_this_run}, step=shards_this_run)
+                finally:
+                    bar.close()
+        except Interrupted as exc:
+            interrupted = exc
+        digest = state.save()
+        seconds = time.monotonic() - started
+        counts = state.manifest.counts
+        result = IngestResult(output=config.output, counts=counts, shards_done=shards_this_run,
+                              rows_done=rows_this_run, seconds=seconds, manifest_sha256=digest,
+                              mlflow_run_id=getattr(run_, "run_id", None),
+                              extra={"ok_this_run": ok_this_run, "dropped": state.dropped,
+                                     "complete": state.manifest.extra.get("complete"),
+                                     "interrupted": interrupted.signum if interrupted else None})
+        result.summary = summary(result, config, state)
+        metrics = {f"count.{k}": v for k, v in counts.items()}
+        metrics.update(images_per_s=ok_this_run / seconds if seconds else 0.0, rows_this_run=rows_this_run,
+                       seconds=seconds, success_rate=_rate(counts))
+        run_.log_metrics(metrics)
+        run_.log_manifest(config.output, digest, "output")
+        run_.set_tags({"latentforge.output_uri": config.output})
+        if interrupted is not None:
+            raise interrupted
+    return result
+
+
+def _rate(counts: dict[str, int]) -> float:
+    return counts.get("ok", 0) / counts["rows"] if counts.get("rows") else 0.0
+
+
+def _init_ray(config: IngestConfig) -> str:
+    from pipelines.runtime import init_ray
+
+    where = init_ray(num_cpus=config.num_cpus, log_to_driver=True)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts rows; Ray's would count shard blocks
+    ctx.print_on_execution_start = False
+    return where
+
+
+def _execute(descriptors: list[dict[str, Any]], config: IngestConfig, plan: InputPlan) -> Iterator[dict[str, Any]]:
+    import ray.data
+
+    # Descriptors travel as JSON strings: a range and a retry shard have different fields, and
+    # one string column keeps Arrow from inferring (and unifying) a schema for them.
+    items = [{"descriptor": json.dumps(d)} for d in descriptors]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map(_process, fn_kwargs={"config": config_to_dict(config), "plan": plan.to_dict()},
+                num_cpus=config.cpus_per_task, concurrency=config.max_concurrent_shards)
+    for row in ds.iter_rows():
+        yield json.loads(row["result"])
+
+
+def summary(result: IngestResult, config: IngestConfig, state: IngestState) -> str:
+    counts = result.counts
+    rows: list[tuple[str, Any]] = [("input rows", state.plan.total_rows), ("rows done (all runs)", counts.get("rows", 0)),
+                                   ("ok", counts.get("ok", 0))]
+    rows += [(status, counts[status]) for status in STATUSES[1:] if counts.get(status)]
+    if counts.get("retried"):
+        rows.append(("retried rows", counts["retried"]))
+    rows += [("success rate", f"{100 * _rate(counts):.1f} %"),
+             ("this run", f"{result.rows_done:,} rows, {result.shards_done} shards in {result.seconds:,.1f} s"),
+             ("images/s (this run)", reporting.format_rate(result.extra.get("ok_this_run", 0), result.seconds, "img")),
+             ("shards finished", f"{len([s for s in state.manifest.shards if s.stats.get('kind') != 'retry'])}"
+                                 f"/{state.base_shards}" + (f" + {len(state.manifest.extra.get('retry_shards', []))}"
+                                                            " retry" if state.manifest.extra.get("retry_shards") else "")),
+             ("output", config.output)]
+    if result.extra.get("interrupted"):
+        rows.append(("stopped by", signal.Signals(result.extra["interrupted"]).name))
+    return reporting.summary_table("LatentForge ingest", rows)

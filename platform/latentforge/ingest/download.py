@@ -1,0 +1,379 @@
+"""Fetch one URL: total deadline, size cap, safe redirects, retries, per-host cap, opt-outs.
+
+The deadline is wall-clock for the whole attempt (DNS, connect, headers, every redirect hop
+and the body): a watchdog thread shuts the socket down when it passes, so a server that
+drips one byte a second cannot hold a download thread longer than `timeout_s`. A per-read
+socket timeout alone would never fire against such a server.
+
+The body is streamed in 64 KiB reads into a buffer that is refused as soon as it passes
+`max_bytes`, whatever Content-Length claimed, so memory stays bounded per download.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import heapq
+import http.client
+import itertools
+import random
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+from urllib.parse import urljoin
+
+from latentforge.ingest.safety import AddressPolicy, BlockedURL, ResolveError, Target
+
+READ_CHUNK = 64 * 1024
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+RETRYABLE = ("timeout", "connection", "http_5xx", "http_429")
+BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+
+
+@dataclass
+class FetchSettings:
+    timeout_s: float = 20.0
+    max_bytes: int = 20 * 1024 * 1024
+    retries: int = 2
+    backoff_s: float = 0.5
+    backoff_max_s: float = 20.0
+    max_retry_after_s: float = 60.0
+    max_redirects: int = 5
+    max_per_host: int = 8
+    user_agent_token: str = "latentforge"
+    honor_opt_out: bool = True
+    opt_out_directives: tuple[str, ...] = ("noai", "noimageai")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "FetchSettings":
+        return cls(timeout_s=config.timeout_s, max_bytes=config.max_bytes, retries=config.retries,
+                   backoff_s=config.backoff_s, backoff_max_s=config.backoff_max_s,
+                   max_retry_after_s=config.max_retry_after_s, max_redirects=config.max_redirects,
+                   max_per_host=config.max_per_host, user_agent_token=config.user_agent_token,
+                   honor_opt_out=config.honor_opt_out, opt_out_directives=tuple(config.opt_out_directives))
+
+    @property
+    def user_agent(self) -> str:
+        token = self.user_agent_token.strip()
+        return f"{BROWSER_UA} (compatible; {token}; +https://github.com/latentforge)" if token else BROWSER_UA
+
+
+@dataclass
+class FetchResult:
+    """Outcome of fetching one URL (after retries)."""
+
+    status: str                 # "ok" or a reason code (see ingest.config.STATUSES)
+    data: bytes | None = None
+    http_status: int | None = None
+    error: str = ""
+    final_url: str = ""
+    attempts: int = 0
+    content_type: str = ""
+    seconds: float = 0.0
+
+
+class _Failure(Exception):
+    def __init__(self, reason: str, message: str, http_status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+
+# --------------------------------------------------------------------------- watchdog
+class Watchdog:
+    """One thread that runs callbacks at deadlines (cheaper than a Timer thread per request)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cancelled: set[int] = set()
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, when: float, callback: Callable[[], None]) -> int:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="lf-deadline", daemon=True)
+                self._thread.start()
+            ident = next(self._ids)
+            heapq.heappush(self._heap, (when, ident, callback))
+            self._cond.notify()
+            return ident
+
+    def cancel(self, ident: int) -> None:
+        with self._cond:
+            self._cancelled.add(ident)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] in self._cancelled:
+                    self._cancelled.discard(heapq.heappop(self._heap)[1])
+                if not self._heap:
+                    self._cond.wait(1.0)
+                    continue
+                when, ident, callback = self._heap[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a failed shutdown of a dead socket is fine
+                pass
+
+
+WATCHDOG = Watchdog()
+
+
+class _Deadline:
+    """Wall-clock budget of one attempt; kills the registered socket when it runs out."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._ident = WATCHDOG.schedule(self.end, self._fire)
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def check(self, what: str) -> None:
+        if self.expired or self.remaining() <= 0:
+            raise _Failure("timeout", f"deadline passed during {what}")
+
+    def watch(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired and sock is not None:
+                _kill(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                _kill(self._sock)
+
+    def close(self) -> None:
+        WATCHDOG.cancel(self._ident)
+
+
+def _kill(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- connections
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the already-checked address, never re-resolving the host name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+_SSL_CONTEXT = ssl.create_default_context()
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=_SSL_CONTEXT)
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = _SSL_CONTEXT.wrap_socket(sock, server_hostname=self.host)
+
+
+def is_opted_out(header_values: Iterable[str], user_agent_token: str, directives: Iterable[str]) -> bool:
+    """X-Robots-Tag: `noai`, or `ourbot: noimageai`; directives for other bots are ignored."""
+    wanted = {d.lower() for d in directives}
+    token = user_agent_token.strip().lower()
+    for value in header_values:
+        head, sep, rest = value.partition(":")
+        if sep and head.strip() and "," not in head and " " not in head.strip():
+            bot, listed = head.strip().lower(), rest
+            if bot != token:
+                continue
+        else:
+            listed = value
+        if any(d.strip().lower() in wanted for d in listed.split(",")):
+            return True
+    return False
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# --------------------------------------------------------------------------- fetcher
+class Fetcher:
+    """Thread-safe fetcher; one per worker process (the per-host cap is shared by its threads)."""
+
+    def __init__(self, settings: FetchSettings, policy: AddressPolicy,
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.policy = policy
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._host_slots: dict[str, threading.BoundedSemaphore] = {}
+        self._lock = threading.Lock()
+
+    def _slot(self, host: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            slot = self._host_slots.get(host)
+            if slot is None:
+                slot = self._host_slots[host] = threading.BoundedSemaphore(self.settings.max_per_host)
+            return slot
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter; a Retry-After asks for at least that long."""
+        s = self.settings
+        delay = min(s.backoff_max_s, s.backoff_s * (2 ** attempt)) * (0.5 + self._rng.random())
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return delay
+
+    def fetch(self, url: str) -> FetchResult:
+        start = time.monotonic()
+        s = self.settings
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                data, http_status, final_url, ctype = self._attempt(url)
+                return FetchResult("ok", data=data, http_status=http_status, final_url=final_url,
+                                   attempts=attempt, content_type=ctype, seconds=time.monotonic() - start)
+            except (BlockedURL, ResolveError) as exc:
+                return FetchResult(exc.reason, error=str(exc), attempts=attempt, seconds=time.monotonic() - start)
+            except _Failure as exc:
+                reason = exc.reason
+                retryable = reason in RETRYABLE
+                if exc.retry_after is not None and exc.retry_after > s.max_retry_after_s:
+                    retryable = False
+                if retryable and attempt <= s.retries:
+                    self._sleep(self.backoff(attempt - 1, exc.retry_after))
+                    continue
+                if reason == "http_429":
+                    reason = "http_4xx"
+                return FetchResult(reason, http_status=exc.http_status, error=str(exc)[:500],
+                                   attempts=attempt, seconds=time.monotonic() - start)
+
+    def _attempt(self, url: str) -> tuple[bytes, int, str, str]:
+        s = self.settings
+        target = self.policy.check_url(url)
+        slot = self._slot(f"{target.host}:{target.port}")
+        slot.acquire()
+        deadline = _Deadline(s.timeout_s)
+        try:
+            for _hop in range(s.max_redirects + 1):
+                location, result = self._hop(target, deadline)
+                if result is not None:
+                    return result
+                assert location is not None
+                target = self.policy.check_url(urljoin(target.url, location))
+            raise _Failure("too_many_redirects", f"more than {s.max_redirects} redirects")
+        finally:
+            deadline.close()
+            slot.release()
+
+    def _hop(self, target: Target, deadline: _Deadline) -> tuple[str | None, tuple[bytes, int, str, str] | None]:
+        s = self.settings
+        deadline.check("DNS")
+        addresses = self.policy.resolve(target, deadline.remaining())
+        deadline.check("DNS")
+        conn_cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
+        conn = conn_cls(target.host, target.port, str(addresses[0]), timeout=max(deadline.remaining(), 0.001))
+        try:
+            try:
+                conn.connect()
+                deadline.watch(conn.sock)
+                conn.request("GET", target.path, headers={
+                    "User-Agent": s.user_agent, "Accept": "image/*,*/*;q=0.8",
+                    "Accept-Encoding": "identity", "Connection": "close"})
+                response = conn.getresponse()
+            except (socket.timeout, TimeoutError) as exc:
+                raise _Failure("timeout", f"timed out: {exc}") from exc
+            except ssl.SSLError as exc:
+                raise _Failure("connection", f"TLS error: {exc}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                if deadline.expired or deadline.remaining() <= 0:
+                    raise _Failure("timeout", "deadline passed before the headers arrived") from exc
+                raise _Failure("connection", f"{type(exc).__name__}: {exc}") from exc
+            status = response.status
+            if status in REDIRECT_CODES:
+                location = response.getheader("Location")
+                if not location:
+                    raise _Failure("http_other", f"HTTP {status} without Location", status)
+                return location, None
+            if status != 200:
+                retry_after = parse_retry_after(response.getheader("Retry-After")) if status in (429, 503) else None
+                if status == 429:
+                    raise _Failure("http_429", f"HTTP 429", status, retry_after)
+                if 400 <= status < 500:
+                    raise _Failure("http_4xx", f"HTTP {status}", status)
+                if 500 <= status < 600:
+                    raise _Failure("http_5xx", f"HTTP {status}", status, retry_after)
+                raise _Failure("http_other", f"HTTP {status}", status)
+            if s.honor_opt_out and is_opted_out(response.headers.get_all("X-Robots-Tag") or [],
+                                                s.user_agent_token, s.opt_out_directives):
+                raise _Failure("opt_out", "X-Robots-Tag opts out of AI use", status)
+            declared = response.getheader("Content-Length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > s.max_bytes:
+                raise _Failure("too_large", f"Content-Length {declared} > max_bytes {s.max_bytes}", status)
+            body = self._read_body(response, deadline, status)
+            if declared is not None and declared.strip().isdigit() and len(body) < int(declared):
+                raise _Failure("connection", f"body ended after {len(body)} of {declared} bytes", status)
+            return None, (body, status, target.url, response.getheader("Content-Type") or "")
+        finally:
+            deadline.watch(None)
+            conn.close()
+
+    def _read_body(self, response: http.client.HTTPResponse, deadline: _Deadline, status: int) -> bytes:
+        limit = self.settings.max_bytes
+        buffer = bytearray()
+        try:
+            while True:
+                chunk = response.read(READ_CHUNK) if response.chunked else response.read1(READ_CHUNK)
+                if not chunk:
+                    break
+                buffer += chunk
+                if len(buffer) > limit:
+                    raise _Failure("too_large", f"body passed max_bytes {limit}", status)
+                deadline.check("the body")
+        except _Failure:
+            raise
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            if deadline.expired or deadline.remaining() <= 0:
+                raise _Failure("timeout", f"deadline passed after {len(buffer)} body bytes", status) from exc
+            if isinstance(exc, http.client.IncompleteRead):
+                raise _Failure("connection", f"body ended early ({len(buffer)} bytes)", status) from exc
+            raise _Failure("connection", f"{type(exc).__name__}: {exc}", status) from exc
+        deadline.check("the body")
+        return bytes(buffer)

@@ -1,0 +1,155 @@
+"""Downloaded bytes -> an RGB sample, resized by img2dataset's own `Resizer`.
+
+Order matters for safety and speed:
+1. sniff the format from the bytes (Pillow reads only the header) and refuse what is not on
+   the allow-list (HTML, SVG, empty bodies never reach a decoder);
+2. refuse decompression bombs from the header dimensions, before any pixel is decoded;
+3. the common case, a complete baseline RGB JPEG without an EXIF rotation, goes straight to
+   the resizer (one decode, exactly what img2dataset does);
+4. everything else (CMYK, palette, 16-bit, alpha, EXIF-rotated, grey) is decoded by Pillow,
+   rotated upright, converted to 8-bit RGB and handed to the resizer as a lossless BMP.
+The output is always a 3-channel RGB image encoded as jpg/png/webp.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
+
+EXIF_ORIENTATION = 0x0112
+_FILTER_ERRORS = ("image too small", "aspect ratio too large", "image area too large")
+
+
+@dataclass
+class ImageResult:
+    status: str                    # ok, not_image, decode_error, bomb, filtered_size
+    data: bytes | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    source_format: str = ""
+    error: str = ""
+
+
+def jpeg_is_complete(data: bytes) -> bool:
+    """A JPEG whose last scan is followed by an EOI marker (0xFFD9 never occurs inside scan data)."""
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; alpha is composited on white (as img2dataset does)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image).astype(np.int64)
+        bits = 16 if mode.startswith("I;16") or array.max(initial=0) > 255 else 8
+        array = (array >> (bits - 8)).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(array, "L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray((array * scale).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa") or "A" in mode:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV ...
+
+
+class ImageProcessor:
+    """Thread-safe; one per worker (the resizer holds only settings)."""
+
+    def __init__(self, config: Any) -> None:
+        from img2dataset.resizer import Resizer  # heavy import (cv2, albumentations): only in workers
+
+        self.allowed = {f.upper() for f in config.allowed_formats}
+        self.max_pixels = int(config.max_image_pixels)
+        self.resizer = Resizer(
+            image_size=config.image_size,
+            resize_mode=config.resize_mode,
+            resize_only_if_bigger=config.resize_only_if_bigger,
+            encode_quality=config.encode_quality,
+            encode_format=config.encode_format,
+            min_image_size=config.min_image_size,
+            max_aspect_ratio=config.max_aspect_ratio if config.max_aspect_ratio else float("inf"),
+        )
+        self.extension = config.encode_format
+
+    def process(self, data: bytes) -> ImageResult:
+        if not data:
+            return ImageResult("not_image", error="empty body")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                fmt = (image.format or "").upper()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            return ImageResult("bomb", error=str(exc)[:300])
+        except UnidentifiedImageError:
+            head = data[:64].lstrip().lower()
+            kind = "HTML" if head.startswith((b"<!doctype html", b"<html")) else \
+                "SVG" if b"<svg" in data[:1024].lower() or head.startswith(b"<?xml") else "unrecognised data"
+            return ImageResult("not_image", error=f"not an image ({kind})")
+        except Exception as exc:  # noqa: BLE001 - corrupt headers raise anything
+            return ImageResult("decode_error", error=f"{type(exc).__name__}: {exc}"[:300])
+        if fmt not in self.allowed:
+            return ImageResult("not_image", error=f"format {fmt or '?'} is not in allowed_formats", source_format=fmt)
+        if width <= 0 or height <= 0:
+            return ImageResult("decode_error", error=f"bad dimensions {width}x{height}", source_format=fmt)
+        if width * height > self.max_pixels:
+            return ImageResult("bomb", error=f"{width}x{height} = {width * height:,} pixels > max_image_pixels "
+                                             f"{self.max_pixels:,}", source_format=fmt,
+                               original_width=width, original_height=height)
+        try:
+            stream = self._normalised_stream(image, fmt, data)
+        except _Truncated as exc:
+            return ImageResult("decode_error", error=str(exc), source_format=fmt)
+        except Exception as exc:  # noqa: BLE001 - Pillow raises OSError/ValueError/SyntaxError on bad data
+            return ImageResult("decode_error", error=f"{type(exc).__name__}: {exc}"[:300], source_format=fmt)
+        encoded, out_w, out_h, orig_w, orig_h, err = self.resizer(stream)
+        if err is not None or encoded is None:
+            err = err or "resizer returned nothing"
+            status = "filtered_size" if any(e in err for e in _FILTER_ERRORS) else "decode_error"
+            return ImageResult(status, error=err[:300], source_format=fmt,
+                               original_width=width, original_height=height)
+        return ImageResult("ok", data=encoded, width=out_w, height=out_h, original_width=orig_w,
+                           original_height=orig_h, source_format=fmt)
+
+    def _normalised_stream(self, image: Image.Image, fmt: str, data: bytes) -> io.BytesIO:
+        if fmt == "JPEG" and not jpeg_is_complete(data):
+            raise _Truncated("truncated JPEG (no end-of-image marker after the last scan)")
+        orientation = 1
+        try:
+            orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not worth refusing the image for
+            orientation = 1
+        if fmt == "JPEG" and image.mode == "RGB" and orientation == 1:
+            return io.BytesIO(data)  # fast path: the resizer's own single decode
+        image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        rgb = to_rgb(image)
+        out = io.BytesIO()
+        rgb.save(out, format="BMP")
+        out.seek(0)
+        return out
+
+
+class _Truncated(Exception):
+    pass
