@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import pipelines  # noqa: E402,F401  (platform/ on sys.path when not installed)
+import torch.utils.data as tud  # noqa: E402
 
 
 def write_shards(out: Path, shards: int, per_shard: int, image_size: int, seed: int = 0) -> None:
@@ -79,7 +80,7 @@ def write_shards(out: Path, shards: int, per_shard: int, image_size: int, seed: 
 # Plain loop
 # ---------------------------------------------------------------------------------------------
 
-class _ShardSamples:
+class _ShardSamples(tud.IterableDataset):
     """IterableDataset over the shards: the same decode/preprocess as the pipeline's readers."""
 
     def __init__(self, config, shard_names: list[str]) -> None:
@@ -87,8 +88,6 @@ class _ShardSamples:
         self.shard_names = shard_names
 
     def __iter__(self):
-        import torch.utils.data as tud
-
         from latentforge import storage
         from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample
 
@@ -106,13 +105,16 @@ def _collate(items):
     return items
 
 
-def run_plain(config, shard_names: list[str], loader_workers: int) -> dict:
+def run_plain(config, shard_names: list[str], loader_workers: int, threads: int = 0) -> dict:
     import numpy as np
-    import torch.utils.data as tud
+    import torch
 
     from latentforge.precompute.encode import PrecomputeEncoder
     from latentforge.precompute.writer import ShardWriter
 
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     encoder = PrecomputeEncoder(config)
     blank = np.zeros((config.resolution, config.resolution, 3), dtype=np.uint8)
@@ -140,6 +142,7 @@ def run_plain(config, shard_names: list[str], loader_workers: int) -> dict:
     for writer in writers.values():
         writer.finish()
     end = time.perf_counter()
+    torch.set_num_threads(default_threads)
     return {"rows": rows, "wall_s": end - started, "steady_s": end - (first or end)}
 
 
@@ -223,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-type", default="autoencoder_kl", choices=["autoencoder_kl", "patchify"])
     parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader workers of the plain loop")
     parser.add_argument("--concurrency", type=int, default=0, help="encoder actors (0 = auto)")
+    parser.add_argument("--plain-threads", type=int, default=0,
+                        help="torch threads of the plain loop (0 = torch's default, all cores)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args(argv)
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 input=str(root / "ingest"), output=out, vae_type=args.vae_type,
                 vae=vae if args.vae_type != "patchify" else "", text_encoder="lf-tiny-clip",
                 text_encoder_weights=clip, text_layer="last", resolution=resolution, latent="mean",
-                dtype="bf16" if gpu else "fp16", batch_size=batch, read_batch_size=max(batch, 64),
+                dtype="bf16" if gpu else "fp16", batch_size=batch, read_batch_size=batch,
                 concurrency=args.concurrency, fidelity_samples=0, progress=False)
 
         where = init_ray()
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = root / f"out-{side}-{rep}"
                 with GpuSampler() if gpu else _Null() as sampler:
                     result = (run_ray(config(str(out)), gpus) if side == "ray"
-                              else run_plain(config(str(out)), names, args.loader_workers))
+                              else run_plain(config(str(out)), names, args.loader_workers, args.plain_threads))
                 if gpu and side == "ray" and sampler.busy is not None:
                     busy.append(sampler.busy)
                 result["samples"] = shards * per_shard
@@ -288,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "ray": ray.__version__, "device": "cuda" if gpu else "cpu",
             "ray_runs_on": where, "shards": shards, "samples": shards * per_shard, "resolution": resolution,
             "batch_size": batch, "vae_type": args.vae_type, "loader_workers": args.loader_workers,
+            "plain_threads": args.plain_threads or torch.get_num_threads(), "load_avg": os.getloadavg(),
             "ray": summary("ray"), "plain": summary("plain"),
         }
         report["ratio_wall"] = report["ray"]["samples_per_s"] / report["plain"]["samples_per_s"]
