@@ -152,6 +152,21 @@ def test_manifest_records_models_counts_and_lineage(data, reference) -> None:
     assert empty.shape == (2, 32) and formats.decode_npy((reference / "empty_pooled.npy").read_bytes()).shape == (32,)
 
 
+def test_mlflow_run_has_config_counts_and_lineage(data, reference) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{reference.parent}/mlflow.db")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("latentforge.stage") == "precompute"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["vae_type"] == "autoencoder_kl" and run.data.params["text_layer"] == "penultimate"
+    assert run.data.metrics["count.ok"] == 20 and run.data.metrics["count.skipped_undecodable_image"] == 2
+    assert run.data.metrics["session.samples_per_s"] > 0
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["input", "output"]
+
+
 def test_rerun_skips_finished_shards_and_refuses_other_settings(data, reference, capsys) -> None:
     from jobs.precompute_latents import main
 
