@@ -30,9 +30,6 @@ from tests.harness.ray_head import VENV_BIN
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-# `ray start --head` (Ray 2.60) enables token auth; a driver in this process must send the token,
-# and Ray reads RAY_AUTH_MODE when it is first imported, so set it before anything imports ray.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="module")
