@@ -30,16 +30,16 @@ chromium:
 	    || echo "warning: could not install chromium with apt-get; the MLflow UI test will be skipped"; \
 	fi
 
-install: $(STAMP) chromium
+install: $(STAMP)
 
 demo: install
 	$(PY) jobs/demo.py
 
-test: install
+test: install chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything except the slow end-to-end tests, for quick iteration.
-test-fast: install
+test-fast: install chromium
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 mlflow: install
