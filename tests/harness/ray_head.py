@@ -27,6 +27,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+WORKER_PORTS = 200
+
+
+def worker_port_range(taken: set[int]) -> int:
+    """Start of a worker-port range that overlaps none of the head's own ports (ray start refuses that)."""
+    while True:
+        low = free_port() // 10 * 10
+        if not any(low <= port <= low + WORKER_PORTS for port in taken):
+            return low
+
+
 def venv_env(**extra: str) -> dict[str, str]:
     """The test's environment with this venv first on PATH (job entrypoints run `python`)."""
     env = dict(os.environ)
@@ -60,17 +71,17 @@ class RayHead:
         return venv_env(RAY_ADDRESS=self.address, RAY_API_SERVER_ADDRESS=self.dashboard_url, **extra)
 
     def start(self, timeout_s: float = 120) -> "RayHead":
-        worker_lo = free_port() // 10 * 10
+        ports = {flag: free_port() for flag in (
+            "--ray-client-server-port", "--node-manager-port", "--object-manager-port", "--metrics-export-port",
+            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")}
+        worker_lo = worker_port_range({self.port, self.dashboard_port, *ports.values()})
         cmd = [
             f"{VENV_BIN}/ray", "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
             "--temp-dir", str(self.temp_dir), "--num-cpus", str(self.num_cpus),
             "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(free_port()), "--node-manager-port", str(free_port()),
-            "--object-manager-port", str(free_port()), "--metrics-export-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-            "--min-worker-port", str(worker_lo), "--max-worker-port", str(worker_lo + 200),
+            *(item for flag, port in ports.items() for item in (flag, str(port))),
+            "--min-worker-port", str(worker_lo), "--max-worker-port", str(worker_lo + WORKER_PORTS),
         ]
         log = open(self.temp_dir / "ray_start.log", "wb")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
