@@ -1,0 +1,57 @@
+"""Evaluate a trained LatentForge model: FID and CLIP score on an eval set.
+
+    python jobs/evaluate.py --model STORAGE/RUN/export --eval-set LATENTS_OR_SHARDS \
+        --fid-weights pt_inception-2015-12-05-6726825d.pth --clip-model ViT-B-32 --clip-weights laion2b_s34b_b79k
+    python jobs/evaluate.py --model RUN_ID --eval-set LATENTS --num-samples 2048
+
+The metrics are logged into the MLflow run the checkpoint came from (and into an evaluate run).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import _bootstrap  # noqa: F401  (puts the repo root on sys.path)
+
+from latentforge.config import parse_config
+from latentforge.evaluation.config import EvaluateConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = parse_config(EvaluateConfig, argv, preset_dir=_bootstrap.PRESETS / "evaluate",
+                          description=(__doc__ or "").strip().splitlines()[0])
+
+    def stop(signum, _frame):  # noqa: ANN001
+        raise KeyboardInterrupt(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        config.check_required()
+    except ValueError as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    from latentforge.evaluation.fid import FidWeightsError
+    from pipelines.evaluate import run
+
+    try:
+        result = run(config)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print("evaluate: interrupted", file=sys.stderr)
+        return 128 + int(signum)
+    except (ValueError, FidWeightsError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    except Exception as exc:  # noqa: BLE001 - one clear line, exit 1
+        logging.getLogger("evaluate").debug("failure", exc_info=True)
+        print(f"evaluate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

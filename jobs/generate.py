@@ -1,0 +1,56 @@
+"""Generate images from a trained LatentForge model.
+
+    python jobs/generate.py --model STORAGE/RUN/export --prompts "a red circle" --out samples/
+    python jobs/generate.py --model RUN_ID --prompts prompts.txt --out samples/ --sampler dpmsolver++ --steps 20
+    python jobs/generate.py --model RUN_ID --prompts "a cat" --init-image in.png --strength 0.6 --out samples/
+    ray job submit --working-dir . -- python jobs/generate.py --model ... --prompts big.txt --out s3://... --ray \
+        --concurrency 8
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import _bootstrap  # noqa: F401  (puts the repo root on sys.path)
+
+from latentforge.config import parse_config
+from latentforge.generation.config import GenerateConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = parse_config(GenerateConfig, argv, preset_dir=_bootstrap.PRESETS / "generate",
+                          description=(__doc__ or "").strip().splitlines()[0])
+
+    def stop(signum, _frame):  # noqa: ANN001
+        raise KeyboardInterrupt(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        config.check_required()
+    except ValueError as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
+    from pipelines.generate import run
+
+    try:
+        result = run(config)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print(f"generate: interrupted; finished images are kept, rerun to resume", file=sys.stderr)
+        return 128 + int(signum)
+    except ValueError as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one clear line, exit 1
+        logging.getLogger("generate").debug("failure", exc_info=True)
+        print(f"generate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`jobs/evaluate.py` options (dataclass defaults < `jobs/configs/evaluate/*.yaml` < flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from latentforge.evaluation.fid import INCEPTION_SHA256
+from latentforge.generation.config import DTYPES
+from latentforge.generation.sampler import TEXT_STATE_MODES, canonical_sampler
+
+
+@dataclass
+class EvaluateConfig:
+    """Score a trained model on an eval set: FID and CLIP score, logged into the training run."""
+
+    model: str = ""
+    """Export dir, a training run dir holding export/, or an MLflow run id."""
+    eval_set: str = ""
+    """Latent shards with captions (precompute output) or image shards (ingest output)."""
+    out: str | None = None
+    """Where the sample grid and metrics.json go (default: <export>/eval/step_XXXXXX)."""
+    num_samples: int = 256
+    """Captions sampled (first N of the eval set, one image each) = N of the FID."""
+    sampler: str = "ddim"
+    """ddpm | ddim | dpmsolver++ | euler."""
+    steps: int = 50
+    """Denoising steps."""
+    guidance: float = 4.0
+    """Classifier-free guidance scale."""
+    negative_prompt: str = ""
+    """Unconditional text for guidance."""
+    seed: int = 0
+    """Caption i is sampled with seed + i."""
+    batch_size: int = 8
+    """Images per batch."""
+    text_states: str = "real_tokens"
+    """real_tokens | full (see jobs/generate.py)."""
+    fid_weights: str | None = None
+    """pt_inception-2015-12-05 weights file, or 'download' (online only); unset = no FID."""
+    fid_weights_sha256: str = INCEPTION_SHA256
+    """Expected sha256 of fid_weights; another file is refused (no fallback weights)."""
+    clip_model: str | None = None
+    """open_clip model name for the CLIP score (unset = no CLIP score), e.g. ViT-B-32."""
+    clip_weights: str | None = None
+    """The CLIP model's pretrained tag or local checkpoint file."""
+    cache_dir: str | None = None
+    """FID reference statistics cache (default ~/.cache/latentforge/fid_reference)."""
+    log_to_source_run: bool = True
+    """Also log the metrics into the MLflow run the checkpoint came from (export manifest extra.mlflow_run_id)."""
+    device: str = "auto"
+    """cpu | cuda | auto."""
+    dtype: str = "fp32"
+    """fp32 | fp16 | bf16 for the sampler."""
+    mlflow: bool = True
+    """Track this evaluation as its own MLflow run too."""
+    run_name: str | None = None
+    """MLflow run name (default: evaluate-<run or export name>)."""
+
+    def __post_init__(self) -> None:
+        self.sampler = canonical_sampler(self.sampler)
+        if self.num_samples < 2:
+            raise ValueError("num_samples must be >= 2")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.text_states not in TEXT_STATE_MODES:
+            raise ValueError(f"text_states must be one of {list(TEXT_STATE_MODES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}")
+
+    def check_required(self) -> None:
+        missing = [f"--{n.replace('_', '-')}" for n in ("model", "eval_set") if not getattr(self, n)]
+        if missing:
+            raise ValueError(f"missing required option(s): {', '.join(missing)}")

@@ -1,0 +1,130 @@
+"""Reading an evaluation set: precompute latent shards (captions + latents) or ingest image shards.
+
+Only shards listed in the manifest are read, in name order, samples in tar order, so "the first N
+samples" is the same set on every run and machine (the reference statistics cache relies on it).
+
+Real images for FID:
+- ingest shards: the stored image, resized (shorter side, bicubic) and centre-cropped to the
+  generation resolution;
+- latent shards: the stored latents decoded with the eval set's own VAE (posterior mean for
+  `mean_std`), i.e. VAE reconstructions — FID then measures the diffusion model, not the VAE.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from latentforge import formats, storage
+from latentforge.manifest import Manifest, read_manifest
+
+IMAGE_SUFFIXES = tuple(f".{e}" for e in formats.IMAGE_EXTENSIONS)
+
+
+@dataclass
+class EvalSample:
+    key: str
+    caption: str
+    latent: np.ndarray | None = None
+    image_bytes: bytes | None = None
+
+
+@dataclass
+class EvalSet:
+    uri: str
+    manifest: Manifest
+    manifest_sha256: str
+
+    @property
+    def kind(self) -> str:
+        return "latents" if self.manifest.stage == "precompute" else "images"
+
+    @property
+    def reference_kind(self) -> str:
+        return "vae-decoded latents" if self.kind == "latents" else "ingested images (resize shorter side + centre crop)"
+
+
+def open_eval_set(uri: str) -> EvalSet:
+    manifest = read_manifest(uri)
+    if manifest.stage not in ("precompute", "ingest"):
+        raise ValueError(f"{uri}: an eval set is precompute (latent) or ingest (image) output, not {manifest.stage!r}")
+    return EvalSet(uri, manifest, storage.sha256_file(storage.join(uri, "manifest.json")))
+
+
+def iter_samples(eval_set: EvalSet, limit: int | None = None) -> Iterator[EvalSample]:
+    """Samples in shard-name then tar order; stops after `limit`."""
+    count = 0
+    dtype = eval_set.manifest.extra.get("dtype", "fp32")
+    for shard in eval_set.manifest.shards:
+        fs, path = storage.filesystem(storage.join(eval_set.uri, f"{shard.name}.tar"))
+        members: dict[str, dict[str, bytes]] = {}
+        order: list[str] = []
+        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, suffix = member.name.partition(".")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if key not in members:
+                    members[key] = {}
+                    order.append(key)
+                members[key][suffix] = data
+        for key in order:
+            parts = members[key]
+            caption = parts.get("txt", b"").decode("utf-8")
+            if eval_set.kind == "latents":
+                if "latent.npy" not in parts:
+                    continue
+                latent = formats.storage_to_tensor(formats.decode_npy(parts["latent.npy"]), dtype).float().numpy()
+                if latent.ndim == 4:  # mean_std: [mean, std] -> mean
+                    latent = latent[0]
+                sample = EvalSample(key, caption, latent=latent)
+            else:
+                image = next((parts[s] for s in formats.IMAGE_EXTENSIONS if s in parts), None)
+                if image is None:
+                    continue
+                sample = EvalSample(key, caption, image_bytes=image)
+            yield sample
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def load_image(data: bytes, size: int) -> torch.Tensor:
+    """Image bytes -> (3, size, size) in [-1, 1]: shorter side to `size` (bicubic), centre crop."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def real_image_batches(eval_set: EvalSet, samples: list[EvalSample], size: int, batch_size: int,
+                       device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+    """[-1, 1] image batches (B, 3, size, size) of the given samples (see module doc)."""
+    vae: Any = None
+    if eval_set.kind == "latents":
+        from latentforge.models.vae import load_vae_from_manifest
+
+        vae = load_vae_from_manifest(eval_set.manifest, device=device)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        if vae is not None:
+            latents = torch.from_numpy(np.stack([s.latent for s in chunk]))
+            pixels = vae.decode(latents).float().cpu()
+            if pixels.shape[-1] != size or pixels.shape[-2] != size:
+                pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic",
+                                                         align_corners=False, antialias=True).clamp(-1, 1)
+            yield pixels
+        else:
+            yield torch.stack([load_image(s.image_bytes or b"", size) for s in chunk])

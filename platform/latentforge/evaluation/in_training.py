@@ -1,0 +1,174 @@
+"""Periodic evaluation inside training (rank 0, EMA weights), per the cross-helper interface:
+
+    evaluator = TrainingEvaluator(InTrainingEvalConfig(prompts=[...]), data_dir, data_manifest, device,
+                                  scheduler_config=noise_scheduler.config)
+    result = evaluator.evaluate(ema_unet, step, out_dir)   # -> EvalResult(metrics, artifacts)
+
+Every call samples the same prompts with the same seeds (so grids of successive steps are
+comparable), writes a contact sheet `out_dir/step_XXXXXX_grid.png` (an artifact), and, when
+their weights are configured, computes FID on `num_fid_samples` captions of the eval set (default:
+the training latents) and the CLIP score of the prompt samples. The text encoder, VAE, metric
+models and prompt embeddings are loaded once, in the constructor. The UNet is used as given (its
+device/dtype) in eval mode under no_grad, and put back in the mode it was in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from latentforge.evaluation.fid import INCEPTION_SHA256
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = [
+    "a red circle on a white background",
+    "a blue square in the top left corner",
+    "a green triangle at the bottom",
+    "a yellow star in the middle",
+]
+
+
+@dataclass
+class InTrainingEvalConfig:
+    """What the periodic in-training evaluation samples and measures."""
+
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    """Fixed prompts sampled at every evaluation (one image each, one grid)."""
+    seeds: list[int] | None = None
+    """One seed per prompt (default 0, 1, 2, ...)."""
+    sampler: str = "ddim"
+    """ddpm | ddim | dpmsolver++ | euler."""
+    steps: int = 20
+    """Denoising steps."""
+    guidance: float = 4.0
+    """Classifier-free guidance scale."""
+    fid_weights: str | None = None
+    """pt_inception-2015-12-05 weights file (or 'download'); None = no FID."""
+    clip_model: str | None = None
+    """open_clip model name for the CLIP score; None = no CLIP score."""
+    clip_weights: str | None = None
+    """The CLIP model's pretrained tag or checkpoint file."""
+    eval_set: str | None = None
+    """Latent or image shards whose captions/images FID uses (default: the training data dir)."""
+    num_fid_samples: int = 256
+    """Generated (and reference) images per FID; FID is biased when this is below 2048."""
+    fid_weights_sha256: str = INCEPTION_SHA256
+    """Expected sha256 of fid_weights (the standard file's by default; other weights are refused)."""
+    batch_size: int = 8
+    """Images per sampling batch."""
+    cache_dir: str | None = None
+    """Where FID reference statistics are cached (default ~/.cache/latentforge/fid_reference)."""
+
+    def __post_init__(self) -> None:
+        from latentforge.generation.sampler import canonical_sampler
+
+        self.sampler = canonical_sampler(self.sampler)
+        if not self.prompts:
+            raise ValueError("in-training eval needs at least one prompt")
+        if self.seeds is not None and len(self.seeds) != len(self.prompts):
+            raise ValueError(f"{len(self.seeds)} seeds for {len(self.prompts)} prompts")
+        if self.num_fid_samples < 2:
+            raise ValueError("num_fid_samples must be >= 2")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    artifacts: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingEvaluator:
+    """Samples fixed prompts (and FID captions) from the weights it is given at each call."""
+
+    def __init__(self, config: InTrainingEvalConfig, data_dir: str | None, data_manifest: Any,
+                 device: str | torch.device = "cpu", scheduler_config: Mapping[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        from latentforge.manifest import Manifest
+        from latentforge.models.text_encoder import load_text_encoder_from_manifest
+        from latentforge.models.vae import load_vae_from_manifest
+
+        self.config = config
+        self.data_dir = data_dir
+        self.data_manifest = data_manifest if isinstance(data_manifest, Manifest) else Manifest(**dict(data_manifest))
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if scheduler_config is None:
+            log.warning("in-training eval: no scheduler_config given; sampling assumes diffusers' DDPMScheduler "
+                        "defaults (epsilon prediction, linear betas)")
+        self.scheduler_config = dict(scheduler_config or {})
+        self.vae = load_vae_from_manifest(self.data_manifest, device=self.device, dtype=dtype)
+        self.text_encoder = load_text_encoder_from_manifest(self.data_manifest, device=self.device, dtype=dtype)
+        self.seeds = list(config.seeds) if config.seeds is not None else list(range(len(config.prompts)))
+        self.inception = None
+        if config.fid_weights:
+            from latentforge.evaluation.fid import InceptionFeatures
+
+            self.inception = InceptionFeatures(config.fid_weights, config.fid_weights_sha256, device=self.device)
+        self.clip = None
+        if config.clip_model:
+            from latentforge.evaluation.clip_score import ClipScorer
+
+            self.clip = ClipScorer(config.clip_model, config.clip_weights, device=self.device)
+        self.eval_set = None
+        source = config.eval_set or data_dir
+        if self.inception is not None:
+            if not source:
+                raise ValueError("FID in training needs eval_set or a data_dir")
+            from latentforge.evaluation.eval_set import open_eval_set
+
+            self.eval_set = open_eval_set(source)
+        self._prompt_cache: dict[str, Any] = {}
+
+    def _sampler(self, unet: Any) -> Any:
+        from latentforge.generation.sampler import Sampler
+
+        # Latents and text states follow the UNet's dtype (a bf16 EMA copy samples in bf16).
+        return Sampler(unet, self.vae, self.text_encoder, self.scheduler_config, device=self.device,
+                       dtype=getattr(unet, "dtype", self.dtype), text_states="real_tokens",
+                       default_resolution=self.data_manifest.extra.get("resolution"))
+
+    @torch.no_grad()
+    def evaluate(self, unet: Any, step: int, out_dir: str) -> EvalResult:
+        from latentforge.generation.outputs import save_grid
+        from latentforge.generation.sampler import SampleParams
+
+        was_training = bool(getattr(unet, "training", False))
+        unet.eval()
+        try:
+            sampler = self._sampler(unet)
+            params = SampleParams(sampler=self.config.sampler, steps=self.config.steps, guidance=self.config.guidance)
+            images = sampler.txt2img(self.config.prompts, self.seeds, params, batch_size=self.config.batch_size)
+            os.makedirs(out_dir, exist_ok=True)
+            grid = os.path.join(out_dir, f"step_{int(step):06d}_grid.png")
+            save_grid(grid, [im.to_uint8() for im in images],
+                      {"step": int(step), "prompts": " | ".join(self.config.prompts),
+                       "seeds": ",".join(map(str, self.seeds)), "sampler": params.sampler, "steps": params.steps,
+                       "guidance": params.guidance})
+            metrics: dict[str, float] = {}
+            info: dict[str, Any] = {}
+            if self.clip is not None:
+                from latentforge.evaluation.clip_score import clip_score_from_embeddings
+
+                pixels = torch.stack([torch.from_numpy(im.array).permute(2, 0, 1) * 2 - 1 for im in images])
+                metrics["eval/clip_score"] = clip_score_from_embeddings(self.clip.embed_images(pixels),
+                                                                        self.clip.embed_texts(self.config.prompts))
+                info.update(self.clip.describe())
+            if self.inception is not None and self.eval_set is not None:
+                from latentforge.evaluation.runner import score_sampler
+
+                scored = score_sampler(sampler, self.eval_set, self.config.num_fid_samples, params, seed=0,
+                                       batch_size=self.config.batch_size, inception=self.inception,
+                                       cache_dir=self.config.cache_dir, preview=0)
+                metrics["eval/fid"] = scored.metrics["fid"]
+                metrics["eval/fid_num_samples"] = scored.metrics["fid_num_samples"]
+                info.update(scored.info)
+            return EvalResult(metrics=metrics, artifacts=[grid], info=info)
+        finally:
+            if was_training:
+                unet.train()

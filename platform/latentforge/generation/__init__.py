@@ -1,0 +1,14 @@
+"""Sampling from a trained export: txt2img / img2img with diffusers schedulers.
+
+    from latentforge.generation import load_export, SampleParams
+    model = load_export("STORAGE/RUN/export")          # or an MLflow run id
+    sampler = model.sampler(device="cpu")
+    images = sampler.txt2img(["a red circle"], seeds=[0], params=SampleParams(sampler="ddim", steps=50))
+"""
+
+from latentforge.generation.export import ExportedModel, ExportError, load_export, resolve_export_dir
+from latentforge.generation.sampler import (SAMPLERS, GeneratedImage, SampleParams, Sampler, TextCondition,
+                                            make_scheduler)
+
+__all__ = ["SAMPLERS", "ExportError", "ExportedModel", "GeneratedImage", "SampleParams", "Sampler",
+           "TextCondition", "load_export", "make_scheduler", "resolve_export_dir"]

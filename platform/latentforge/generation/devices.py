@@ -1,0 +1,17 @@
+"""Device / dtype names from configs."""
+
+from __future__ import annotations
+
+import torch
+
+from latentforge.formats import TORCH_DTYPES
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]

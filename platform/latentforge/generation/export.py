@@ -1,0 +1,120 @@
+"""Loading a trained model for sampling: an export dir, or the MLflow run that points at one.
+
+Train export contract (docs/architecture.md): `EXPORT/{unet/, scheduler/, data_manifest.json,
+manifest.json}`; the export manifest's `extra` holds `mlflow_run_id`, `step`, `data_dir`; the MLflow
+training run carries the tag `latentforge.export_uri`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from latentforge import storage
+from latentforge.manifest import Manifest, ManifestError, read_manifest
+
+EXPORT_URI_TAG = "latentforge.export_uri"
+RUN_ID_RE = re.compile(r"^(runs:/)?([0-9a-f]{32})/?$")
+
+
+class ExportError(RuntimeError):
+    """The model reference is not an export dir nor a run with an export."""
+
+
+@dataclass
+class ExportedModel:
+    """A loaded export: the EMA UNet, the training noise schedule and the data manifest."""
+
+    export_dir: str
+    unet: Any
+    scheduler_config: dict[str, Any]
+    data_manifest: Manifest
+    manifest: Manifest | None
+    mlflow_run_id: str | None
+    step: int | None
+    data_dir: str | None
+
+    @property
+    def manifest_sha256(self) -> str | None:
+        uri = storage.join(self.export_dir, "manifest.json")
+        return storage.sha256_file(uri) if storage.exists(uri) else None
+
+    def sampler(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                text_states: str = "real_tokens") -> Any:
+        """A `Sampler` with the manifest's VAE and text encoder on `device`."""
+        from latentforge.generation.sampler import Sampler
+        from latentforge.models.text_encoder import load_text_encoder_from_manifest
+        from latentforge.models.vae import load_vae_from_manifest
+
+        vae = load_vae_from_manifest(self.data_manifest, device=device, dtype=dtype)
+        text_encoder = load_text_encoder_from_manifest(self.data_manifest, device=device, dtype=dtype)
+        return Sampler(self.unet, vae, text_encoder, self.scheduler_config, device=device, dtype=dtype,
+                       text_states=text_states, default_resolution=self.data_manifest.extra.get("resolution"))
+
+
+def _local_copy(uri: str) -> str:
+    """Remote export dirs (s3://, gs://, ...) are copied to a temp dir once; local ones are used in place."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    fs, path = storage.filesystem(uri)
+    target = tempfile.mkdtemp(prefix="lf-export-")
+    fs.get(path.rstrip("/") + "/", target, recursive=True)
+    return target
+
+
+def resolve_export_dir(model: str) -> str:
+    """An export dir (or a training run dir holding `export/`), or an MLflow run id -> the export dir."""
+    for candidate in (model, storage.join(model, "export")):
+        if storage.exists(storage.join(candidate, "unet")) and storage.exists(storage.join(candidate, "data_manifest.json")):
+            return candidate
+    match = RUN_ID_RE.match(model.strip())
+    if match:
+        from mlflow.tracking import MlflowClient
+
+        from latentforge.tracking import tracking_uri
+
+        try:
+            run = MlflowClient(tracking_uri=tracking_uri()).get_run(match.group(2))
+        except Exception as exc:  # noqa: BLE001 - report which store was asked
+            raise ExportError(f"MLflow run {match.group(2)} not found in {tracking_uri()} ({exc})") from exc
+        uri = run.data.tags.get(EXPORT_URI_TAG)
+        if not uri:
+            raise ExportError(f"MLflow run {match.group(2)} has no {EXPORT_URI_TAG} tag (did training finish its export?)")
+        return resolve_export_dir(uri) if uri != model else uri
+    raise ExportError(f"{model!r} is neither an export dir (unet/, scheduler/, data_manifest.json) nor an MLflow run id")
+
+
+def read_data_manifest(export_dir: str) -> Manifest:
+    data = storage.read_json(storage.join(export_dir, "data_manifest.json"))
+    try:
+        return Manifest(**data)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{export_dir}/data_manifest.json: malformed ({exc})") from exc
+
+
+def load_export(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ExportedModel:
+    """Load `model` (export dir or MLflow run id): UNet in eval mode on `device`/`dtype`."""
+    from diffusers import UNet2DConditionModel
+
+    export_uri = resolve_export_dir(model)
+    local = _local_copy(export_uri)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(local, "unet"), torch_dtype=dtype)
+    unet = unet.to(device).eval().requires_grad_(False)
+    sched_path = os.path.join(local, "scheduler", "scheduler_config.json")
+    scheduler_config = storage.read_json(sched_path) if os.path.exists(sched_path) else {}
+    data_manifest = read_data_manifest(local)
+    manifest = None
+    try:
+        manifest = read_manifest(local)
+    except ManifestError:
+        manifest = None
+    extra = manifest.extra if manifest is not None else {}
+    step = extra.get("step")
+    return ExportedModel(export_dir=export_uri, unet=unet, scheduler_config=scheduler_config,
+                         data_manifest=data_manifest, manifest=manifest, mlflow_run_id=extra.get("mlflow_run_id"),
+                         step=int(step) if step is not None else None, data_dir=extra.get("data_dir"))

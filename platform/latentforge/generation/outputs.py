@@ -1,0 +1,160 @@
+"""What generation leaves on disk: one PNG per request (provenance in PNG text chunks), a
+contact-sheet grid and a jsonl index; and the request list (prompts + per-prompt seeds).
+
+`DIR/NNNNNN.png` is named by the request's position in the prompt list, so a rerun knows which
+requests are finished (resume) without trusting anything but complete, atomically renamed files;
+`index.jsonl` is rebuilt from the PNGs' own metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from latentforge import storage
+
+INDEX_NAME = "index.jsonl"
+GRID_NAME = "grid.png"
+META_KEY = "latentforge"
+
+
+@dataclass
+class Request:
+    """One image to make: its position (file name), prompt and seed."""
+
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def file(self) -> str:
+        return f"{self.index:06d}.png"
+
+
+def load_prompts(spec: str, base_seed: int = 0) -> list[Request]:
+    """`spec` is a file (.txt: one prompt a line; .jsonl: {"prompt", "seed"?} a line) or a prompt.
+
+    Seeds default to `base_seed + index`, so each prompt's image is fixed by its position.
+    """
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as handle:
+            lines = [line.rstrip("\n") for line in handle]
+        out: list[Request] = []
+        if spec.endswith(".jsonl"):
+            for line in lines:
+                if line.strip():
+                    row = json.loads(line)
+                    i = len(out)
+                    out.append(Request(i, str(row["prompt"]), int(row.get("seed", base_seed + i))))
+        else:
+            for line in lines:
+                if line.strip():
+                    out.append(Request(len(out), line.strip(), base_seed + len(out)))
+        if not out:
+            raise ValueError(f"{spec}: no prompts")
+        return out
+    if not spec.strip():
+        raise ValueError("no prompt given")
+    return [Request(0, spec, base_seed)]
+
+
+def png_bytes(image_u8: np.ndarray, meta: dict[str, Any]) -> bytes:
+    """PNG with each scalar in `meta` as a tEXt/iTXt chunk plus the whole record as JSON."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in meta.items():
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            info.add_itxt(key, "" if value is None else str(value))
+    info.add_itxt(META_KEY, json.dumps(meta, sort_keys=True, default=str))
+    buffer = io.BytesIO()
+    Image.fromarray(image_u8).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(path: str, image_u8: np.ndarray, meta: dict[str, Any]) -> str:
+    """Write atomically; returns the file's sha256."""
+    data = png_bytes(image_u8, meta)
+    storage.atomic_write_bytes(path, data)
+    return storage.sha256_bytes(data)
+
+
+def read_png_meta(path: str) -> dict[str, Any] | None:
+    """The record `save_png` stored, or None for a PNG that is not ours / unreadable."""
+    from PIL import Image
+
+    try:
+        fs, p = storage.filesystem(path)
+        with fs.open(p, "rb") as handle, Image.open(handle) as img:
+            text = dict(getattr(img, "text", {}) or {})
+    except Exception:  # noqa: BLE001 - a damaged file is simply redone
+        return None
+    raw = text.get(META_KEY)
+    return json.loads(raw) if raw else None
+
+
+def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2,
+                  background: int = 255) -> np.ndarray:
+    """Tile (H, W, 3) uint8 images row-major into one image with `pad` px gutters."""
+    if not images:
+        raise ValueError("no images for a contact sheet")
+    h = max(i.shape[0] for i in images)
+    w = max(i.shape[1] for i in images)
+    cols = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    sheet = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), background, dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        sheet[y:y + img.shape[0], x:x + img.shape[1]] = img
+    return sheet
+
+
+def save_grid(path: str, images: Sequence[np.ndarray], meta: dict[str, Any] | None = None,
+              columns: int | None = None) -> str:
+    storage.atomic_write_bytes(path, png_bytes(contact_sheet(images, columns), meta or {}))
+    return path
+
+
+def write_index(path: str, rows: Iterable[dict[str, Any]]) -> None:
+    lines = [json.dumps(r, sort_keys=True, default=str) for r in sorted(rows, key=lambda r: r["index"])]
+    storage.atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode())
+
+
+def read_index(path: str) -> list[dict[str, Any]]:
+    if not storage.exists(path):
+        return []
+    fs, p = storage.filesystem(path)
+    with fs.open(p, "rb") as handle:
+        return [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
+
+
+def request_row(request: Request, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"index": request.index, "file": request.file, **meta}
+
+
+def finished(out_dir: str, requests: Sequence[Request], settings: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Requests whose PNG exists with the same prompt, seed and settings -> their index row."""
+    done: dict[int, dict[str, Any]] = {}
+    for req in requests:
+        path = storage.join(out_dir, req.file)
+        if not storage.exists(path):
+            continue
+        meta = read_png_meta(path)
+        if not meta or meta.get("prompt") != req.prompt or int(meta.get("seed", -1)) != req.seed:
+            continue
+        if any(meta.get(k) != v for k, v in settings.items()):
+            continue
+        done[req.index] = {"index": req.index, "file": req.file, **meta}
+    return done
+
+
+def as_dict(request: Request) -> dict[str, Any]:
+    return asdict(request)
