@@ -32,18 +32,6 @@ class EvaluateResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _NoRun:
-    run_id = None
-
-    def __enter__(self) -> "_NoRun":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: None
-
 
 def _log_to_source(run_id: str, metrics: dict[str, float], step: int, files: list[str], artifact_dir: str) -> None:
     from latentforge import tracking
@@ -95,7 +83,7 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     params = SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
                           negative_prompt=config.negative_prompt)
     run_name = config.run_name or f"evaluate-{model.mlflow_run_id or os.path.basename(model.export_dir.rstrip('/'))}"
-    tracker: Any = StageRun("evaluate", run_name=run_name) if config.mlflow else _NoRun()
+    tracker = StageRun("evaluate", run_name=run_name, enabled=config.mlflow)
     with tracker as run_:
         run_.log_params(config_to_dict(config))
         run_.log_manifest(config.eval_set, eval_set.manifest_sha256, "input", name="eval_set")

@@ -47,18 +47,6 @@ class GenerateResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _NoRun:
-    run_id = None
-
-    def __enter__(self) -> "_NoRun":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: None
-
 
 def _sampler(config: GenerateConfig, model: Any = None) -> tuple[Any, Any]:
     from latentforge.generation.devices import resolve_device, resolve_dtype
@@ -182,7 +170,7 @@ def run(config: GenerateConfig) -> GenerateResult:
     done = finished(config.out, requests, png_settings)
     todo = [r for r in requests if r.index not in done]
     run_name = config.run_name or f"generate-{config.out.rstrip('/').rsplit('/', 1)[-1]}"
-    tracker: Any = StageRun("generate", run_name=run_name) if config.mlflow else _NoRun()
+    tracker = StageRun("generate", run_name=run_name, enabled=config.mlflow)
     rows = dict(done)
     with tracker as run_:
         run_.log_params(config_to_dict(config))

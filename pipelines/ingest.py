@@ -103,18 +103,6 @@ def _signals_raise() -> Iterator[_Signals]:
         signals.restore()
 
 
-class _NoRun:
-    run_id = None
-
-    def __enter__(self) -> "_NoRun":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: None
-
 
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
@@ -136,7 +124,7 @@ def run(config: IngestConfig) -> IngestResult:
         descriptors += state.retry_descriptors(config.retry_reasons)
     rows_todo = sum((d["end"] - d["start"]) if d["kind"] == "range" else len(d["rows"]) for d in descriptors)
     run_name = config.run_name or f"ingest-{config.output.rstrip('/').rsplit('/', 1)[-1]}"
-    tracker: Any = StageRun("ingest", run_name=run_name) if config.mlflow else _NoRun()
+    tracker = StageRun("ingest", run_name=run_name, enabled=config.mlflow)
     ok_this_run = rows_this_run = shards_this_run = 0
     digest = ""
     interrupted: Interrupted | None = None

@@ -71,7 +71,9 @@ class StageRun:
     """
 
     def __init__(self, stage: str, run_name: str | None = None, run_id: str | None = None,
-                 experiment: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+                 experiment: str | None = None, tags: Mapping[str, str] | None = None,
+                 enabled: bool = True) -> None:
+        self.enabled = enabled
         self.stage = stage
         self.run_name = run_name
         self.run_id = run_id
@@ -80,7 +82,9 @@ class StageRun:
         self.client: Any = None
 
     def __enter__(self) -> "StageRun":
-        _safe("start", self._start)
+        # Disabled (a job's `--no-mlflow`): every method below is then a no-op, as in an outage.
+        if self.enabled:
+            _safe("start", self._start)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

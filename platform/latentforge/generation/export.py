@@ -103,7 +103,8 @@ def load_export(model: str, device: str | torch.device = "cpu", dtype: torch.dty
 
     export_uri = resolve_export_dir(model)
     local = _local_copy(export_uri)
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(local, "unet"), torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(local, "unet"), torch_dtype=dtype,
+                                                use_safetensors=True)  # never unpickle weights
     unet = unet.to(device).eval().requires_grad_(False)
     sched_path = os.path.join(local, "scheduler", "scheduler_config.json")
     scheduler_config = storage.read_json(sched_path) if os.path.exists(sched_path) else {}

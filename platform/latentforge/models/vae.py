@@ -136,7 +136,8 @@ class LatentVAE:
 
 def _from_pretrained(cls: Any, model_id: str, dtype: torch.dtype) -> Any:
     repo, subfolder = split_hub_id(model_id)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    # safetensors only: a hub repo or directory with nothing but pickled .bin weights is refused.
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
     if subfolder:
         kwargs["subfolder"] = subfolder
     return cls.from_pretrained(repo, **kwargs)
