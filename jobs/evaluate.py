@@ -10,7 +10,6 @@ The metrics are logged into the MLflow run the checkpoint came from (and into an
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 import _bootstrap  # noqa: F401  (puts the repo root on sys.path)
@@ -24,33 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(EvaluateConfig, argv, preset_dir=_bootstrap.PRESETS / "evaluate",
                           description=(__doc__ or "").strip().splitlines()[0])
 
-    def stop(signum, _frame):  # noqa: ANN001
-        raise KeyboardInterrupt(signum)
-
-    signal.signal(signal.SIGTERM, stop)
     try:
         config.check_required()
     except ValueError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
-    from latentforge.evaluation.fid import FidWeightsError
     from pipelines.evaluate import run
 
-    try:
-        result = run(config)
-    except KeyboardInterrupt as exc:
-        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        print("evaluate: interrupted", file=sys.stderr)
-        return 128 + int(signum)
-    except (ValueError, FidWeightsError) as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
-    except Exception as exc:  # noqa: BLE001 - one clear line, exit 1
-        logging.getLogger("evaluate").debug("failure", exc_info=True)
-        print(f"evaluate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(result.summary)
-    return 0
+    return _bootstrap.run_job("evaluate", lambda: run(config), usage_errors=(ValueError,),
+                              interrupted="interrupted")
 
 
 if __name__ == "__main__":

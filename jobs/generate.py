@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 import _bootstrap  # noqa: F401  (puts the repo root on sys.path)
@@ -24,10 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(GenerateConfig, argv, preset_dir=_bootstrap.PRESETS / "generate",
                           description=(__doc__ or "").strip().splitlines()[0])
 
-    def stop(signum, _frame):  # noqa: ANN001
-        raise KeyboardInterrupt(signum)
-
-    signal.signal(signal.SIGTERM, stop)
     try:
         config.check_required()
     except ValueError as exc:
@@ -35,21 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipelines.generate import run
 
-    try:
-        result = run(config)
-    except KeyboardInterrupt as exc:
-        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        print(f"generate: interrupted; finished images are kept, rerun to resume", file=sys.stderr)
-        return 128 + int(signum)
-    except ValueError as exc:
-        print(f"generate: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - one clear line, exit 1
-        logging.getLogger("generate").debug("failure", exc_info=True)
-        print(f"generate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(result.summary)
-    return 0
+    return _bootstrap.run_job("generate", lambda: run(config), usage_errors=(ValueError,),
+                              interrupted="interrupted; finished images are kept, rerun to resume")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ resolved settings; `--preset` picks jobs/configs/train/<name>.yaml (tiny, sd15, 
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 try:
@@ -18,7 +17,7 @@ try:
 except ImportError:
     from jobs import _bootstrap  # noqa: F401  (imported as jobs.train, e.g. by tests and the demo)
 
-from latentforge.config import ConfigError, parse_config
+from latentforge.config import parse_config
 from latentforge.training.config import TrainConfig
 
 
@@ -27,28 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, preset_dir=_bootstrap.PRESETS / "train",
                           description=(__doc__ or "").strip().splitlines()[0])
 
-    def stop(signum, _frame):  # noqa: ANN001
-        raise KeyboardInterrupt(signum)
-
-    signal.signal(signal.SIGTERM, stop)
     from pipelines.train import run
 
-    try:
-        result = run(config)
-    except KeyboardInterrupt as exc:
-        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        print("train: interrupted; rerun with the same --run-name to resume from the last checkpoint",
-              file=sys.stderr)
-        return 128 + int(signum)
-    except (ConfigError, ValueError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - one clear line, exit 1
-        logging.getLogger("train").debug("failure", exc_info=True)
-        print(f"train: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(result.summary)
-    return 0
+    return _bootstrap.run_job("train", lambda: run(config), usage_errors=(ValueError,),
+                              interrupted="interrupted; rerun with the same --run-name to resume from the last checkpoint")
 
 
 if __name__ == "__main__":
