@@ -20,10 +20,11 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 from urllib.parse import urljoin
 
+from latentforge.ingest.config import IngestConfig
 from latentforge.ingest.safety import AddressPolicy, BlockedURL, ResolveError, Target
 
 READ_CHUNK = 64 * 1024
@@ -32,27 +33,29 @@ RETRYABLE = ("timeout", "connection", "http_5xx", "http_429")
 BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 
 
+_OPT_OUT_DEFAULT = next(f for f in fields(IngestConfig) if f.name == "opt_out_directives").default_factory()
+
+
 @dataclass
 class FetchSettings:
-    timeout_s: float = 20.0
-    max_bytes: int = 20 * 1024 * 1024
-    retries: int = 2
-    backoff_s: float = 0.5
-    backoff_max_s: float = 20.0
-    max_retry_after_s: float = 60.0
-    max_redirects: int = 5
-    max_per_host: int = 8
-    user_agent_token: str = "latentforge"
-    honor_opt_out: bool = True
-    opt_out_directives: tuple[str, ...] = ("noai", "noimageai")
+    """The download knobs of `IngestConfig` (same names and defaults, documented there)."""
+
+    timeout_s: float = IngestConfig.timeout_s
+    max_bytes: int = IngestConfig.max_bytes
+    retries: int = IngestConfig.retries
+    backoff_s: float = IngestConfig.backoff_s
+    backoff_max_s: float = IngestConfig.backoff_max_s
+    max_retry_after_s: float = IngestConfig.max_retry_after_s
+    max_redirects: int = IngestConfig.max_redirects
+    max_per_host: int = IngestConfig.max_per_host
+    user_agent_token: str = IngestConfig.user_agent_token
+    honor_opt_out: bool = IngestConfig.honor_opt_out
+    opt_out_directives: tuple[str, ...] = tuple(_OPT_OUT_DEFAULT)
 
     @classmethod
     def from_config(cls, config: Any) -> "FetchSettings":
-        return cls(timeout_s=config.timeout_s, max_bytes=config.max_bytes, retries=config.retries,
-                   backoff_s=config.backoff_s, backoff_max_s=config.backoff_max_s,
-                   max_retry_after_s=config.max_retry_after_s, max_redirects=config.max_redirects,
-                   max_per_host=config.max_per_host, user_agent_token=config.user_agent_token,
-                   honor_opt_out=config.honor_opt_out, opt_out_directives=tuple(config.opt_out_directives))
+        values = {f.name: getattr(config, f.name) for f in fields(cls)}
+        return cls(**{**values, "opt_out_directives": tuple(values["opt_out_directives"])})
 
     @property
     def user_agent(self) -> str:
