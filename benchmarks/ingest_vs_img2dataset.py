@@ -117,7 +117,7 @@ def speed(a: argparse.Namespace, work: Path, env: dict[str, str]) -> dict:
     try:
         pool = realistic_jpeg_pool(32)
         server.set_pool(pool)
-        src = write_rows(work / "urls.parquet", pool_rows(server, a.rows))
+        write_rows(work / "urls.parquet", pool_rows(server, a.rows))
         results: dict[str, list[dict]] = {"latentforge": [], "img2dataset": []}
         for rep in range(a.repeats):
             for tool, make in (("latentforge", ours_cmd), ("img2dataset", theirs_cmd)):

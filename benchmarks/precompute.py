@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-            "torch": torch.__version__, "ray": ray.__version__, "device": "cuda" if gpu else "cpu",
+            "torch": torch.__version__, "ray_version": ray.__version__, "device": "cuda" if gpu else "cpu",
             "ray_runs_on": where, "shards": shards, "samples": shards * per_shard, "resolution": resolution,
             "batch_size": batch, "vae_type": args.vae_type, "loader_workers": args.loader_workers,
             "plain_threads": args.plain_threads or torch.get_num_threads(), "load_avg": os.getloadavg(),

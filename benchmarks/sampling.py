@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "load_average_1m_at_end": round(os.getloadavg()[0], 2),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **info, "results": results}
     print(json.dumps(report, indent=2))
-    print(f"\n| sampler | steps | images | seconds | images/s | UNet evals/s |\n|---|---|---|---|---|---|")
+    print("\n| sampler | steps | images | seconds | images/s | UNet evals/s |\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['sampler']} | {r['steps']} | {r['images']} | {r['seconds']} | {r['images_per_s']} | "
               f"{r['unet_evals_per_s']} |")

@@ -15,15 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from latentforge import manifest as mf
-from latentforge import reporting, storage
+from latentforge import reporting
 from latentforge.config import config_to_dict
 from latentforge.ingest.config import STATUSES, IngestConfig
 from latentforge.ingest.inputs import InputPlan, plan_input

@@ -27,7 +27,7 @@ import numpy as np
 
 from latentforge import storage
 from latentforge.config import ConfigError, config_to_dict
-from latentforge.manifest import ManifestError, manifest_digest
+from latentforge.manifest import ManifestError
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample
 from latentforge.precompute.stage import build_manifest, check_models, plan_run, save, write_empty_caption

@@ -8,7 +8,6 @@ does, only with the smoke preset's sizes and MLFLOW_TRACKING_URI pointing at the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass

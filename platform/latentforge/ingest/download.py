@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable
 from urllib.parse import urljoin
 
@@ -338,7 +338,7 @@ class Fetcher:
             if status != 200:
                 retry_after = parse_retry_after(response.getheader("Retry-After")) if status in (429, 503) else None
                 if status == 429:
-                    raise _Failure("http_429", f"HTTP 429", status, retry_after)
+                    raise _Failure("http_429", "HTTP 429", status, retry_after)
                 if 400 <= status < 500:
                     raise _Failure("http_4xx", f"HTTP {status}", status)
                 if 500 <= status < 600:
