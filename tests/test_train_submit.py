@@ -1,0 +1,45 @@
+"""jobs/train.py through a real `ray job submit --working-dir .`, while the MLflow server is down.
+
+Covers the train issue's submission path (the same command line as locally) and its rule that
+a tracking outage never stops training: every MLflow call fails fast against a closed port, the
+job still trains, checkpoints and exports, and says that tracking failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from latentforge.manifest import read_manifest
+from tests.harness.latent_shards import write_latent_dataset
+from tests.harness.ray_head import VENV_BIN, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_train_job_submit_survives_a_tracking_outage(ray_head, tmp_path) -> None:
+    write_latent_dataset(tmp_path / "latents", shard_sizes=(12, 12))
+    closed_port = free_port()  # nothing listens here
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port}",
+                                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}}
+    submission = f"train-outage-{os.getpid()}"
+    cmd = [f"{VENV_BIN}/ray", "job", "submit", "--address", ray_head.dashboard_url, "--submission-id", submission,
+           "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "jobs/train.py", "--preset", "tiny", "--data", str(tmp_path / "latents"), "--steps", "4",
+           "--batch-size", "4", "--num-workers", "1", "--storage-path", str(tmp_path / "runs"),
+           "--run-name", "outage", "--checkpoint-every", "2", "--log-every", "1"]
+    env = ray_head.env()
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    logs = res.stdout + res.stderr
+    assert res.returncode == 0 and f"Job '{submission}' succeeded" in logs, logs[-4000:]
+    assert "MLflow" in logs and "failed" in logs, "the outage should be reported, not hidden"
+    export = tmp_path / "runs" / "outage" / "export"
+    manifest = read_manifest(str(export), stage="train")
+    assert manifest.extra["step"] == 4 and manifest.extra["mlflow_run_id"] is None
+    assert (export / "unet" / "diffusion_pytorch_model.safetensors").exists()
