@@ -23,15 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(EvaluateConfig, argv, preset_dir=_bootstrap.PRESETS / "evaluate",
                           description=(__doc__ or "").strip().splitlines()[0])
 
-    try:
-        config.check_required()
-    except ValueError as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
-    from pipelines.evaluate import run
+    def work() -> object:
+        config.check_required()  # before the heavy imports: a missing flag fails at once
+        from pipelines.evaluate import run
 
-    return _bootstrap.run_job("evaluate", lambda: run(config), usage_errors=(ValueError,),
-                              interrupted="interrupted")
+        return run(config)
+
+    return _bootstrap.run_job("evaluate", work, interrupted="interrupted")
 
 
 if __name__ == "__main__":

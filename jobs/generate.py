@@ -23,15 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(GenerateConfig, argv, preset_dir=_bootstrap.PRESETS / "generate",
                           description=(__doc__ or "").strip().splitlines()[0])
 
-    try:
-        config.check_required()
-    except ValueError as exc:
-        print(f"generate: {exc}", file=sys.stderr)
-        return 2
-    from pipelines.generate import run
+    def work() -> object:
+        config.check_required()  # before the heavy imports: a missing flag fails at once
+        from pipelines.generate import run
 
-    return _bootstrap.run_job("generate", lambda: run(config), usage_errors=(ValueError,),
-                              interrupted="interrupted; finished images are kept, rerun to resume")
+        return run(config)
+
+    return _bootstrap.run_job("generate", work, interrupted="interrupted; finished images are kept, rerun to resume")
 
 
 if __name__ == "__main__":
