@@ -233,7 +233,7 @@ def test_eval_hook_with_the_real_evaluator_on_ema_weights(tmp_path, monkeypatch)
     import sys
 
     from latentforge.models.testing import save_tiny_clip_checkpoint
-    from pipelines.train import _eval_hook, evaluate_step
+    from pipelines.train_worker import _eval_hook, evaluate_step
 
     clip = save_tiny_clip_checkpoint(str(tmp_path / "clip.safetensors"))
     models = {"vae": {"type": "patchify", "id": "", "patch_size": 2, "scaling_factor": 1.0, "shift_factor": 0.0,
