@@ -88,7 +88,6 @@ def bare_loop(info, args) -> float:
 
 
 def trainer_loop(info, args) -> float:
-    import torch  # noqa: F401
     from accelerate import Accelerator
 
     from latentforge.models.unet import resolve_unet_config
@@ -141,22 +140,11 @@ def cpu_benchmark(args) -> dict:
     results: dict = {"bare_samples_per_s": bare_loop(info, args), "trainer_samples_per_s": trainer_loop(info, args)}
     print(f"bare Accelerate loop: {results['bare_samples_per_s']:.1f} samples/s; "
           f"DiffusionTrainer: {results['trainer_samples_per_s']:.1f} samples/s", flush=True)
-    from ray.cluster_utils import Cluster
-
     import ray
 
-    from tests.harness.ray_head import free_port
+    from tests.harness.ray_head import start_simulated_cluster
 
-    # RAY_ADDRESS is set *before* the nodes start so every process of this cluster inherits it:
-    # Ray Train's placement-group cleaner otherwise auto-detects "the latest" Ray instance on a
-    # machine that runs several, and may ask another cluster whether our controller is alive.
-    port = free_port()
-    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": port,
-                                                            "dashboard_port": free_port()})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
+    cluster = start_simulated_cluster(num_nodes=2, cpus_per_node=1)
     try:
         results["job_x1"] = job_run(work, info, args, 1)
         results["job_x2"] = job_run(work, info, args, 2)

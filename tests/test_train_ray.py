@@ -38,25 +38,14 @@ def _args(work: Path, run_name: str, steps: int = STEPS) -> list[str]:
 def _cluster_main(work: Path) -> None:
     """Subprocess body: the cluster and the three training runs."""
     sys.path[:0] = [str(REPO), str(REPO / "platform")]
-    from ray.cluster_utils import Cluster
-
     from tests.harness.latent_shards import write_latent_dataset
 
     write_latent_dataset(work / "latents", shard_sizes=[30, 10], width=32, latent="mean_std")
     import ray
 
-    from tests.harness.ray_head import free_port
+    from tests.harness.ray_head import start_simulated_cluster
 
-    # RAY_ADDRESS is set *before* the nodes start so every process of this cluster inherits it:
-    # Ray Train's placement-group cleaner otherwise auto-detects "the latest" Ray instance on a
-    # machine that runs several, and may ask another cluster whether our controller is alive.
-    port = free_port()
-    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": port,
-                                                            "dashboard_port": free_port()})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
+    cluster = start_simulated_cluster(num_nodes=2, cpus_per_node=1)
     from jobs.train import main
 
     codes = {"A": main(_args(work, "A"))}

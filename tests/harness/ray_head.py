@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -113,3 +114,25 @@ class RayHead:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+
+def start_simulated_cluster(num_nodes: int = 2, cpus_per_node: int = 1) -> Any:
+    """A `ray.cluster_utils.Cluster` of `num_nodes` nodes on this machine, for multi-node tests.
+
+    RAY_ADDRESS is set *before* the nodes start so every process of this cluster inherits it:
+    Ray Train's placement-group cleaner otherwise auto-detects "the latest" Ray instance on a
+    machine that runs several, and may ask another cluster whether our controller is alive.
+    The caller shuts it down (`ray.shutdown(); cluster.shutdown()`).
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    port = free_port()
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "gcs_server_port": port,
+                                                            "dashboard_port": free_port()})
+    for _ in range(num_nodes - 1):
+        cluster.add_node(num_cpus=cpus_per_node)
+    cluster.wait_for_nodes()
+    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
+    return cluster
