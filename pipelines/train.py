@@ -95,9 +95,11 @@ def build_datasets(config: TrainConfig, plan: tdata.DataPlan) -> dict[str, Any]:
     datasets = {}
     for rank in range(plan.world_size):
         paths = [storage.join(config.data, f"{name}.tar") for name in plan.rank_shards(rank)]
+        paths *= plan.epochs_per_stream(rank)  # several epochs per execution (see DataPlan)
         # num_cpus=0: these tasks only read bytes; the training workers may hold every CPU.
         datasets[f"train_rank{rank}"] = ray.data.read_webdataset(
-            paths, decoder=None, suffixes=list(tdata.TAR_FIELDS), num_cpus=0, override_num_blocks=len(paths))
+            paths, decoder=None, suffixes=list(tdata.TAR_FIELDS), num_cpus=0, override_num_blocks=len(paths),
+            concurrency=config.read_concurrency)
     return datasets
 
 

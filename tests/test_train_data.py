@@ -39,7 +39,7 @@ def test_ranks_split_uneven_shards_evenly_and_run_equal_steps(uneven) -> None:
     assert plan.steps_per_epoch == 4 and plan.samples_per_epoch == 16  # same on both ranks
     seen = []
     for rank in range(2):
-        stream = list(tdata.rank_rows(fake_rows(plan, rank), plan, rank))
+        stream = list(tdata.rank_rows(iter(fake_rows(plan, rank)), plan, rank))
         assert [r["pos"] for r in stream] == list(range(*plan.rank_range(rank)))
         epoch0 = [r["pos"] for r in tdata.shuffled_epoch(iter(stream), plan, rank, 0)]
         assert len(epoch0) == 16 and len(set(epoch0)) == 16
@@ -51,9 +51,22 @@ def test_ranks_split_uneven_shards_evenly_and_run_equal_steps(uneven) -> None:
     assert not set(seen) & set(plan.val_positions())
 
 
+def test_one_stream_carries_several_epochs(uneven) -> None:
+    """The shard list repeated in one Ray Data stream: each epoch consumes exactly its own rows."""
+    plan = tdata.plan_data(uneven.manifest, world_size=2, samples_per_step=4, shuffle_buffer=5, seed=3, val_samples=2)
+    assert [plan.epochs_per_stream(r, max_shards=8) for r in range(2)] == [8, 2]  # 1 and 3 shards
+    for rank in range(2):
+        stream = iter(fake_rows(plan, rank) * 3)
+        for _ in range(3):
+            assert [r["pos"] for r in tdata.rank_rows(stream, plan, rank)] == list(range(*plan.rank_range(rank)))
+        assert next(stream, None) is None
+    with pytest.raises(tdata.DataPlanError, match="end of the stream"):
+        list(tdata.rank_rows(iter(fake_rows(plan, 1)[:-1]), plan, 1))
+
+
 def test_resume_skips_exactly_the_consumed_samples(uneven) -> None:
     plan = tdata.plan_data(uneven.manifest, world_size=2, samples_per_step=4, shuffle_buffer=5, seed=3)
-    stream = list(tdata.rank_rows(fake_rows(plan, 1), plan, 1))
+    stream = list(tdata.rank_rows(iter(fake_rows(plan, 1)), plan, 1))
     full = [r["pos"] for r in tdata.shuffled_epoch(iter(stream), plan, 1, 2)]
     for skip in range(0, plan.samples_per_epoch + 1, 4):
         assert [r["pos"] for r in tdata.shuffled_epoch(iter(stream), plan, 1, 2, skip=skip)] == full[skip:]
@@ -65,7 +78,7 @@ def test_order_is_checked(uneven) -> None:
     plan = tdata.plan_data(uneven.manifest, world_size=1, samples_per_step=4, shuffle_buffer=5, seed=3)
     rows = fake_rows(plan, 0)
     with pytest.raises(tdata.DataPlanError, match="delivered"):
-        list(tdata.rank_rows(rows[:5] + rows[23:], plan, 0))
+        list(tdata.rank_rows(iter(rows[:5] + rows[23:]), plan, 0))
     with pytest.raises(tdata.DataPlanError, match="ran out"):
         list(tdata.shuffled_epoch(iter(rows[:10]), plan, 0, 0))
     with pytest.raises(tdata.DataPlanError, match="cannot give"):

@@ -60,6 +60,11 @@ class TrainConfig:
     """Seed for the weights, the noise/timestep generator and the data order."""
     shuffle_buffer: int = 1000
     """Local shuffle window (samples) within each worker's part of the data; permuted per epoch."""
+    read_concurrency: int = 2
+    """Shard reads in flight per worker's stream. Reads only fetch tar bytes and the order is fixed,
+    so one shard ahead is enough locally; raise it for high-latency object stores. Unbounded reads
+    start a task per shard at every epoch start, which stalls the step (the executor runs in the
+    training worker's process)."""
     val_samples: int = 0
     """Samples held out (the last ones of the dataset) for the validation loss; 0 = none."""
     num_workers: int = 1
@@ -83,7 +88,8 @@ class TrainConfig:
     max_failures: int = 2
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     log_every: int = 10
-    """Progress line on rank 0 every N steps (metrics go to MLflow every step, batched)."""
+    """Progress line on rank 0 every N steps; loss, lr, grad norm, samples/s and step time go to MLflow
+    every step, the data-wait share, memory, skipped steps and epoch once per N-step window."""
     eval_every: int = 0
     """Validation loss and in-training eval every N steps on rank 0 (0 = off)."""
     eval_prompts: list[str] = field(default_factory=list)
@@ -111,7 +117,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "keep_checkpoints",
-                    "log_every", "shuffle_buffer", "num_train_timesteps")
+                    "log_every", "shuffle_buffer", "read_concurrency", "num_train_timesteps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

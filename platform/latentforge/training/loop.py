@@ -99,6 +99,10 @@ class DiffusionTrainer:
         model.train()
         optimizer, self.optimizer_kind = make_adamw(list(model.parameters()), config, self.device)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if accelerator.num_processes == 1 and isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            # Inside Ray Train a 1-worker run still has a process group, so Accelerate wraps the
+            # model in DDP; with no peer its gradient buckets and hooks are pure cost (~1 % here).
+            self.model = self.model.module
         # Not prepared: Accelerate would step it once per process; we step it once per optimizer step.
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
