@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-type", default="autoencoder_kl", choices=["autoencoder_kl", "patchify"])
     parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader workers of the plain loop")
     parser.add_argument("--concurrency", type=int, default=0, help="encoder actors (0 = auto)")
+    parser.add_argument("--num-cpus-per-actor", type=float, default=1.0,
+                        help="CPU slots per encoder actor (its torch threads: max(1, int(this)))")
     parser.add_argument("--plain-threads", type=int, default=0,
                         help="torch threads of the plain loop (0 = torch's default, all cores)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 vae=vae if args.vae_type != "patchify" else "", text_encoder="lf-tiny-clip",
                 text_encoder_weights=clip, text_layer="last", resolution=resolution, latent="mean",
                 dtype="bf16" if gpu else "fp16", batch_size=batch, read_batch_size=batch,
-                concurrency=args.concurrency, fidelity_samples=0, progress=False)
+                concurrency=args.concurrency, num_cpus_per_actor=args.num_cpus_per_actor, fidelity_samples=0,
+                progress=False)
 
         where = init_ray()
         gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "ray_version": ray.__version__, "device": "cuda" if gpu else "cpu",
             "ray_runs_on": where, "shards": shards, "samples": shards * per_shard, "resolution": resolution,
             "batch_size": batch, "vae_type": args.vae_type, "loader_workers": args.loader_workers,
+            "encoder_actors": args.concurrency or "auto", "num_cpus_per_actor": args.num_cpus_per_actor,
             "plain_threads": args.plain_threads or torch.get_num_threads(), "load_avg": os.getloadavg(),
             "ray": summary("ray"), "plain": summary("plain"),
         }
