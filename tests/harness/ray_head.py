@@ -116,8 +116,11 @@ class RayHead:
             self.process.wait(timeout=30)
 
 
-def start_simulated_cluster(num_nodes: int = 2, cpus_per_node: int = 1) -> Any:
+def start_simulated_cluster(num_nodes: int = 2, cpus_per_node: int = 1, distinct_ips: bool = False) -> Any:
     """A `ray.cluster_utils.Cluster` of `num_nodes` nodes on this machine, for multi-node tests.
+
+    With `distinct_ips` the added nodes bind 127.0.0.2, 127.0.0.3, ... (all loopback on Linux),
+    so Ray reports them as separate machines, as it would on a real multi-machine cluster.
 
     RAY_ADDRESS is set *before* the nodes start so every process of this cluster inherits it:
     Ray Train's placement-group cleaner otherwise auto-detects "the latest" Ray instance on a
@@ -131,8 +134,8 @@ def start_simulated_cluster(num_nodes: int = 2, cpus_per_node: int = 1) -> Any:
     os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "gcs_server_port": port,
                                                             "dashboard_port": free_port()})
-    for _ in range(num_nodes - 1):
-        cluster.add_node(num_cpus=cpus_per_node)
+    for i in range(num_nodes - 1):
+        cluster.add_node(num_cpus=cpus_per_node, **({"node_ip_address": f"127.0.0.{i + 2}"} if distinct_ips else {}))
     cluster.wait_for_nodes()
     assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     return cluster

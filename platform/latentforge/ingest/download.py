@@ -104,7 +104,8 @@ class Watchdog:
                 self._thread.start()
             ident = next(self._ids)
             heapq.heappush(self._heap, (when, ident, callback))
-            self._cond.notify()
+            if self._heap[0][1] == ident:  # only an earlier deadline changes how long the loop sleeps
+                self._cond.notify()
             return ident
 
     def cancel(self, ident: int) -> None:
