@@ -12,6 +12,7 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -104,6 +105,16 @@ class BatchFeeder:
         self.stop.set()
 
 
+def say(message: str) -> None:
+    """A line on the driver's console, once.
+
+    Ray Train patches `print` in workers to log to the root logger as well as (when stdout is
+    wrapped) print; with this worker's logging handler that showed every line twice.
+    """
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
+
+
 def report_window(window: dict[str, float], result: Any, trainer: Any, config: TrainConfig, epoch: int,
                   metrics_logger: AsyncMetricLogger | None, device: Any) -> None:
     """Rank 0's progress line and the per-window metrics (data-wait share, memory, skips, epoch).
@@ -114,9 +125,9 @@ def report_window(window: dict[str, float], result: Any, trainer: Any, config: T
     rate = window["samples"] / window["time"] if window["time"] else 0.0
     wait_share = window["wait"] / max(window["time"], 1e-9)
     remaining = (config.steps - result.step) * (window["time"] / max(1, window["steps"]))
-    print(f"train: step {result.step}/{config.steps} | loss {result.global_loss:.4f} | lr {result.lr:.2e} | "
+    say(f"train: step {result.step}/{config.steps} | loss {result.global_loss:.4f} | lr {result.lr:.2e} | "
           f"{rate:,.1f} samples/s | data wait {100 * wait_share:.1f} % | skipped {trainer.skipped_steps} | "
-          f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}", flush=True)
+          f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}")
     if metrics_logger is not None:
         metrics_logger.log({"data_wait_share": wait_share, "memory_gb": _memory_gb(device),
                             "skipped_steps": trainer.skipped_steps, "epoch": epoch}, step=result.step)
@@ -270,7 +281,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         resumes = int(state.get("resumes", 0)) + 1
         resumed_from = trainer.step
         if rank == 0:
-            print(f"train: resumed from {checkpoint.path} at step {trainer.step}", flush=True)
+            say(f"train: resumed from {checkpoint.path} at step {trainer.step}")
     trace.write(event="start", pid=os.getpid(), resumed_from=resumed_from)
 
     run = metrics_logger = None
@@ -352,15 +363,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 if eval_metrics:
                     if metrics_logger is not None:
                         metrics_logger.log(eval_metrics, step=result.step)
-                    print(f"train: eval at step {result.step}: "
-                          + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()), flush=True)
+                    say(f"train: eval at step {result.step}: "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
             if fault:
                 kill_rank, kill_step, marker = fault.split(":", 2)
                 if rank == int(kill_rank) and result.step == int(kill_step) and not os.path.exists(marker):
                     open(marker, "w").close()
                     _wait_until_registered(config, (result.step // config.checkpoint_every) * config.checkpoint_every)
-                    print(f"train: fault injection: killing worker rank {rank} (pid {os.getpid()}) after step "
-                          f"{result.step}", flush=True)
+                    say(f"train: fault injection: killing worker rank {rank} (pid {os.getpid()}) after step "
+                          f"{result.step}")
                     os.kill(os.getpid(), signal.SIGKILL)
     finally:
         if feeder is not None:
@@ -392,6 +403,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             metrics_logger.close()
             if metrics_logger.dropped:
                 log.warning("%d metric values were dropped (tracking queue full)", metrics_logger.dropped)
-        print(f"train: finished at step {trainer.step} ({trainer.skipped_steps} skipped); export at "
-              f"{loop_config['export_uri']}", flush=True)
+        say(f"train: finished at step {trainer.step} ({trainer.skipped_steps} skipped); export at "
+              f"{loop_config['export_uri']}")
     accelerator.wait_for_everyone()

@@ -39,6 +39,8 @@ def test_train_job_submit_survives_a_tracking_outage(ray_head, tmp_path) -> None
     logs = res.stdout + res.stderr
     assert res.returncode == 0 and f"Job '{submission}' succeeded" in logs, logs[-4000:]
     assert "MLflow" in logs and "failed" in logs, "the outage should be reported, not hidden"
+    progress = [line for line in logs.splitlines() if "train: step " in line]
+    assert len(progress) == 4, progress  # one line per step (--log-every 1), none doubled
     export = tmp_path / "runs" / "outage" / "export"
     manifest = read_manifest(str(export), stage="train")
     assert manifest.extra["step"] == 4 and manifest.extra["mlflow_run_id"] is None
