@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -23,86 +21,9 @@ from latentforge.manifest import Manifest
 from latentforge.tracking import AsyncMetricLogger, StageRun
 from latentforge.training import data as tdata
 from latentforge.training.config import TrainConfig
+from latentforge.training.feeder import BatchFeeder
 
 log = logging.getLogger("latentforge.train")
-
-
-class BatchFeeder:
-    """Decodes and collates this rank's samples on a thread, in the deterministic epoch order.
-
-    It stops after `batches` batches: the run's remaining steps. Starting another epoch's Ray Data
-    execution that no step will consume is not free: the streaming executor runs in this process
-    and its start-up competes with the training thread for the GIL (measured: the last few steps
-    of a one-epoch run took 1-4 s each instead of 0.23 s).
-    """
-
-    def __init__(self, iterator: Any, plan: tdata.DataPlan, rank: int, epoch: int, skip: int, batch_size: int,
-                 dtype: str, min_length: int, batches: int, prefetch: int = 4) -> None:
-        self.iterator, self.plan, self.rank = iterator, plan, rank
-        self.epoch, self.skip, self.batch_size, self.batches = epoch, skip, batch_size, batches
-        self.dtype, self.min_length = dtype, min_length
-        self.queue: queue.Queue = queue.Queue(prefetch)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="batch-feeder", daemon=True)
-        self.thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        epoch, skip, left = self.epoch, self.skip, self.batches
-        try:
-            while left > 0 and not self.stop.is_set():
-                rows = self.iterator.iter_rows()
-                stream = iter(rows)
-                try:
-                    for _ in range(self.plan.epochs_per_stream(self.rank)):
-                        left = self._feed_epoch(stream, epoch, skip, left)
-                        epoch, skip = epoch + 1, 0
-                        if left <= 0:
-                            break
-                finally:
-                    if hasattr(rows, "close"):
-                        rows.close()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
-            self._put(exc)
-
-    def _feed_epoch(self, stream: Any, epoch: int, skip: int, left: int) -> int:
-        """Queues up to `left` batches of `epoch`; returns how many are still to come (-1: stopped).
-
-        Unless it stops early, it consumes exactly this epoch's rows of `stream`, so the next
-        epoch's rows follow in the same stream.
-        """
-        epoch_rows = tdata.rank_rows(stream, self.plan, self.rank)
-        buffer = []
-        for row in tdata.shuffled_epoch(epoch_rows, self.plan, self.rank, epoch, skip):
-            buffer.append(tdata.decode_row(row, self.dtype))
-            if len(buffer) == self.batch_size:
-                if not self._put((epoch, tdata.collate(buffer, self.min_length))):
-                    return -1
-                buffer, left = [], left - 1
-                if left == 0:
-                    return 0
-        for _ in epoch_rows:  # the tail no step of this epoch uses
-            pass
-        return left
-
-    def get(self) -> tuple[int, dict[str, Any], float]:
-        start = time.perf_counter()
-        item = self.queue.get()
-        if isinstance(item, BaseException):
-            raise RuntimeError(f"data feeder failed: {item}") from item
-        epoch, batch = item
-        return epoch, batch, time.perf_counter() - start
-
-    def close(self) -> None:
-        self.stop.set()
 
 
 def say(message: str) -> None:
@@ -242,167 +163,225 @@ def _wait_until_registered(config: TrainConfig, step: int, timeout_s: float = 60
         time.sleep(0.2)
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    from accelerate import Accelerator
-    from ray.train import Checkpoint
+class WorkerRun:
+    """One attempt of one rank: set-up (with resume), the step loop, and the final export."""
 
-    from latentforge.training.checkpoint import CheckpointError
-    from latentforge.training.export import write_export
-    from latentforge.training.loop import CheckpointPolicy, DiffusionTrainer
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        from accelerate import Accelerator
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    config = from_dict(TrainConfig, loop_config["config"])
-    if loop_config.get("tracking_uri"):
-        os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
-    manifest = Manifest(**loop_config["manifest"])
-    plan = tdata.DataPlan(**loop_config["plan"])
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not config.use_gpu)
-    if accelerator.num_processes != world:
-        raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes, Ray Train started {world}")
-    empty_text = tdata.read_empty_caption(config.data, manifest)
-    trainer = DiffusionTrainer(config, loop_config["unet_config"], accelerator, empty_text,
-                               manifest.extra.get("latent", "mean"), rank)
-    mlflow_run_id = loop_config.get("mlflow_run_id")
-    trace = _Trace(config.trace_dir, rank)
-    resumes = 0
-    resumed_from = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            try:
-                state = trainer.load(directory)
-            except CheckpointError as exc:
-                raise RuntimeError(f"cannot resume from {checkpoint.path}: {exc}") from exc
-        tdata.check_same_plan(state["data_plan"], plan)
-        mlflow_run_id = state.get("mlflow_run_id") or mlflow_run_id
-        resumes = int(state.get("resumes", 0)) + 1
-        resumed_from = trainer.step
-        if rank == 0:
-            say(f"train: resumed from {checkpoint.path} at step {trainer.step}")
-    trace.write(event="start", pid=os.getpid(), resumed_from=resumed_from)
+        from latentforge.training.loop import CheckpointPolicy, DiffusionTrainer
 
-    run = metrics_logger = None
-    if rank == 0 and mlflow_run_id:
-        run = StageRun("train", run_id=mlflow_run_id)
-        run.__enter__()  # reattach only; the driver ends the run
-        metrics_logger = AsyncMetricLogger(run)
-    val_batches: list[dict[str, Any]] = []
-    evaluator = None
-    if rank == 0 and config.eval_every > 0:
-        if plan.val_samples:
-            rows = tdata.read_positions(config.data, plan, plan.val_positions())
-            samples = [tdata.decode_row(r, manifest.extra.get("dtype", "fp32")) for r in rows]
-            val_batches = [tdata.collate(samples[i:i + config.batch_size], empty_text.shape[0])
-                           for i in range(0, len(samples), config.batch_size)]
-        evaluator = _eval_hook(config, manifest, accelerator.device, trainer.noise_scheduler.config)
-    artifact_pool = None
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        ctx = ray.train.get_context()
+        self.rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        self.loop_config = loop_config
+        self.config = config = from_dict(TrainConfig, loop_config["config"])
+        if loop_config.get("tracking_uri"):
+            os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
+        self.manifest = Manifest(**loop_config["manifest"])
+        self.plan = tdata.DataPlan(**loop_config["plan"])
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not config.use_gpu)
+        if self.accelerator.num_processes != world:
+            raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes, Ray Train started {world}")
+        self.empty_text = tdata.read_empty_caption(config.data, self.manifest)
+        self.trainer = DiffusionTrainer(config, loop_config["unet_config"], self.accelerator, self.empty_text,
+                                        self.manifest.extra.get("latent", "mean"), self.rank)
+        self.mlflow_run_id = loop_config.get("mlflow_run_id")
+        self.trace = _Trace(config.trace_dir, self.rank)
+        self.policy = CheckpointPolicy(config.checkpoint_every, config.steps)
+        self.resumes = 0
+        self.run = self.metrics_logger = self.evaluator = self.artifact_pool = None
+        self.val_batches: list[dict[str, Any]] = []
+        self.window = self._new_window()
+        self.totals = {"time": 0.0, "wait": 0.0, "samples": 0}
 
-    epoch, position = plan.position_of(trainer.step)
-    feeder = None
-    if trainer.step < config.steps:
-        feeder = BatchFeeder(ray.train.get_dataset_shard(f"train_rank{rank}"), plan, rank, epoch, position,
-                             config.batch_size, manifest.extra.get("dtype", "fp32"),
-                             empty_text.shape[0] if config.cfg_dropout > 0 else 1,
-                             batches=(config.steps - trainer.step) * config.grad_accum)
-    fault = loop_config.get("fault")
-    window = {"time": 0.0, "wait": 0.0, "samples": 0, "steps": 0}
-    totals = {"time": 0.0, "wait": 0.0, "samples": 0}
-    policy = CheckpointPolicy(config.checkpoint_every, config.steps)
-    last = None
-    start_step = trainer.step
-    t_start = time.perf_counter()
+    @staticmethod
+    def _new_window() -> dict[str, float]:
+        return {"time": 0.0, "wait": 0.0, "samples": 0, "steps": 0}
 
-    def save_checkpoint(metrics: dict[str, Any]) -> None:
-        directory = tempfile.mkdtemp(prefix=f"lf-ckpt-r{rank}-")
+    @property
+    def dtype(self) -> str:
+        return self.manifest.extra.get("dtype", "fp32")
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load Ray Train's latest checkpoint, if any: weights, optimizer, step, RNG, MLflow run id."""
+        import ray.train
+
+        from latentforge.training.checkpoint import CheckpointError
+
+        checkpoint = ray.train.get_checkpoint()
+        resumed_from = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                try:
+                    state = self.trainer.load(directory)
+                except CheckpointError as exc:
+                    raise RuntimeError(f"cannot resume from {checkpoint.path}: {exc}") from exc
+            tdata.check_same_plan(state["data_plan"], self.plan)
+            self.mlflow_run_id = state.get("mlflow_run_id") or self.mlflow_run_id
+            self.resumes = int(state.get("resumes", 0)) + 1
+            resumed_from = self.trainer.step
+            if self.rank == 0:
+                say(f"train: resumed from {checkpoint.path} at step {self.trainer.step}")
+        self.trace.write(event="start", pid=os.getpid(), resumed_from=resumed_from)
+
+    def open_rank0_services(self) -> None:
+        """Rank 0 only: reattach the MLflow run, load the validation batches, start the evaluator."""
+        if self.rank != 0:
+            return
+        if self.mlflow_run_id:
+            self.run = StageRun("train", run_id=self.mlflow_run_id)
+            self.run.__enter__()  # reattach only; the driver ends the run
+            self.metrics_logger = AsyncMetricLogger(self.run)
+        if self.config.eval_every > 0:
+            if self.plan.val_samples:
+                rows = tdata.read_positions(self.config.data, self.plan, self.plan.val_positions())
+                samples = [tdata.decode_row(r, self.dtype) for r in rows]
+                size = self.config.batch_size
+                self.val_batches = [tdata.collate(samples[i:i + size], self.empty_text.shape[0])
+                                    for i in range(0, len(samples), size)]
+            self.evaluator = _eval_hook(self.config, self.manifest, self.accelerator.device,
+                                        self.trainer.noise_scheduler.config)
+
+    def _feeder(self) -> BatchFeeder:
+        import ray.train
+
+        config = self.config
+        epoch, position = self.plan.position_of(self.trainer.step)
+        return BatchFeeder(ray.train.get_dataset_shard(f"train_rank{self.rank}"), self.plan, self.rank, epoch,
+                           position, config.batch_size, self.dtype,
+                           self.empty_text.shape[0] if config.cfg_dropout > 0 else 1,
+                           batches=(config.steps - self.trainer.step) * config.grad_accum)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self) -> Any:
+        """Steps until config.steps; returns the last StepResult (None if nothing was left to do)."""
+        if self.trainer.step >= self.config.steps:
+            return None
+        feeder = self._feeder()
+        last = None
         try:
-            epoch_now, position_now = plan.position_of(trainer.step)
-            trainer.save(directory, {
-                "epoch": epoch_now, "position": position_now, "data_plan": plan.to_dict(),
-                "mlflow_run_id": mlflow_run_id, "resumes": resumes, "config": loop_config["config"],
-                "data_dir": config.data, "data_manifest_sha256": loop_config["data_digest"],
-            }, write_shared=rank == 0)
+            while self.trainer.step < self.config.steps:
+                last, epoch = self._step(feeder)
+                self._after_step(last, epoch)
+        finally:
+            feeder.close()
+        return last
+
+    def _step(self, feeder: BatchFeeder) -> tuple[Any, int]:
+        """One optimizer step over grad_accum batches; returns its StepResult and the data epoch."""
+        step_start = time.perf_counter()
+        micro, wait, keys = [], 0.0, []
+        for _ in range(self.config.grad_accum):
+            epoch, batch, waited = feeder.get()
+            micro.append(batch)
+            keys.extend(batch["keys"])
+            wait += waited
+        result = self.trainer.train_step(micro)
+        step_time = time.perf_counter() - step_start
+        for bucket in (self.window, self.totals):
+            bucket["time"] += step_time
+            bucket["wait"] += wait
+            bucket["samples"] += self.config.global_batch
+        self.window["steps"] += 1
+        self.trace.write(event="step", step=result.step, epoch=epoch, loss=result.loss.hex(), skipped=result.skipped,
+                         keys=keys, step_time=step_time, wait=wait, t=time.time())
+        if self.metrics_logger is not None:
+            self.metrics_logger.log({
+                "loss": result.global_loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                "samples_per_s": self.config.global_batch / step_time, "step_time_s": step_time}, step=result.step)
+        return result, epoch
+
+    def _after_step(self, result: Any, epoch: int) -> None:
+        config = self.config
+        if self.rank == 0 and (result.step % config.log_every == 0 or result.step == config.steps):
+            report_window(self.window, result, self.trainer, config, epoch, self.metrics_logger,
+                          self.accelerator.device)
+            self.window = self._new_window()
+        if self.policy.should_save(result.step, result.skipped):  # never right after a skipped step
+            self.save_checkpoint({"step": result.step, "loss": result.global_loss})
+        if self.rank == 0 and config.eval_every > 0 and result.step % config.eval_every == 0:
+            self._evaluate(result.step)
+        if self.loop_config.get("fault"):
+            self._maybe_inject_fault(result.step)
+
+    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        directory = tempfile.mkdtemp(prefix=f"lf-ckpt-r{self.rank}-")
+        try:
+            epoch, position = self.plan.position_of(self.trainer.step)
+            self.trainer.save(directory, {
+                "epoch": epoch, "position": position, "data_plan": self.plan.to_dict(),
+                "mlflow_run_id": self.mlflow_run_id, "resumes": self.resumes, "config": self.loop_config["config"],
+                "data_dir": self.config.data, "data_manifest_sha256": self.loop_config["data_digest"],
+            }, write_shared=self.rank == 0)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    try:
-        while trainer.step < config.steps:
-            step_start = time.perf_counter()
-            micro, wait, keys = [], 0.0, []
-            for _ in range(config.grad_accum):
-                batch_epoch, batch, waited = feeder.get()
-                micro.append(batch)
-                keys.extend(batch["keys"])
-                wait += waited
-            result = trainer.train_step(micro)
-            step_time = time.perf_counter() - step_start
-            last = result
-            samples = config.global_batch
-            for bucket in (window, totals):
-                bucket["time"] += step_time
-                bucket["wait"] += wait
-                bucket["samples"] += samples
-            window["steps"] += 1
-            trace.write(event="step", step=result.step, epoch=batch_epoch, loss=result.loss.hex(),
-                        skipped=result.skipped, keys=keys, step_time=step_time, wait=wait, t=time.time())
-            if metrics_logger is not None:
-                metrics_logger.log({
-                    "loss": result.global_loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                    "samples_per_s": samples / step_time, "step_time_s": step_time}, step=result.step)
-            if rank == 0 and (result.step % config.log_every == 0 or result.step == config.steps):
-                report_window(window, result, trainer, config, batch_epoch, metrics_logger, accelerator.device)
-                window = {"time": 0.0, "wait": 0.0, "samples": 0, "steps": 0}
-            if policy.should_save(result.step, result.skipped):  # never right after a skipped step
-                save_checkpoint({"step": result.step, "loss": result.global_loss})
-            if rank == 0 and config.eval_every > 0 and result.step % config.eval_every == 0:
-                eval_metrics, artifact_pool = evaluate_step(trainer, result.step, val_batches, evaluator, run,
-                                                            artifact_pool)
-                if eval_metrics:
-                    if metrics_logger is not None:
-                        metrics_logger.log(eval_metrics, step=result.step)
-                    say(f"train: eval at step {result.step}: "
-                          + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            if fault:
-                kill_rank, kill_step, marker = fault.split(":", 2)
-                if rank == int(kill_rank) and result.step == int(kill_step) and not os.path.exists(marker):
-                    open(marker, "w").close()
-                    _wait_until_registered(config, (result.step // config.checkpoint_every) * config.checkpoint_every)
-                    say(f"train: fault injection: killing worker rank {rank} (pid {os.getpid()}) after step "
-                          f"{result.step}")
-                    os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        if feeder is not None:
-            feeder.close()
+    def _evaluate(self, step: int) -> None:
+        metrics, self.artifact_pool = evaluate_step(self.trainer, step, self.val_batches, self.evaluator, self.run,
+                                                    self.artifact_pool)
+        if metrics:
+            if self.metrics_logger is not None:
+                self.metrics_logger.log(metrics, step=step)
+            say(f"train: eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
-    elapsed = time.perf_counter() - t_start
-    steps_done = trainer.step - start_step
-    summary = {
-        "final_loss": last.global_loss if last is not None else float("nan"),
-        "samples_per_s": totals["samples"] / totals["time"] if totals["time"] else 0.0,
-        "data_wait_share": totals["wait"] / totals["time"] if totals["time"] else 0.0,
-        "steps_this_attempt": steps_done, "seconds_this_attempt": elapsed,
-        "skipped_steps": trainer.skipped_steps, "resumes": resumes,
-        "optimizer": trainer.optimizer_kind,
-    }
-    if trace.path:
-        trace.write(event="final", step=trainer.step, weights_sha256=_weights_digest(trainer.raw_model),
-                    ema_sha256=_weights_digest(trainer.export_model()) if trainer.ema is not None else None)
-    if rank == 0:
-        write_export(
-            loop_config["export_uri"], trainer.export_model(), trainer.noise_scheduler, config.data,
-            loop_config["data_digest"], manifest, loop_config["config"], trainer.step, mlflow_run_id,
-            counts={"steps": trainer.step, "skipped_steps": trainer.skipped_steps,
-                    "samples_seen": trainer.samples_seen},
-            extra={"summary": summary, "beta_schedule": config.beta_schedule})
-        if artifact_pool is not None:
-            artifact_pool.shutdown(wait=True)
-        if metrics_logger is not None:
-            metrics_logger.close()
-            if metrics_logger.dropped:
-                log.warning("%d metric values were dropped (tracking queue full)", metrics_logger.dropped)
-        say(f"train: finished at step {trainer.step} ({trainer.skipped_steps} skipped); export at "
-              f"{loop_config['export_uri']}")
-    accelerator.wait_for_everyone()
+    def _maybe_inject_fault(self, step: int) -> None:
+        """Tests: SIGKILL this worker once, right after `step`, once its last checkpoint is registered."""
+        kill_rank, kill_step, marker = self.loop_config["fault"].split(":", 2)
+        if self.rank == int(kill_rank) and step == int(kill_step) and not os.path.exists(marker):
+            open(marker, "w").close()
+            every = self.config.checkpoint_every
+            _wait_until_registered(self.config, (step // every) * every)
+            say(f"train: fault injection: killing worker rank {self.rank} (pid {os.getpid()}) after step {step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- the end -----------------------------------------------------------------------------------
+    def finish(self, last: Any, steps_done: int, elapsed: float) -> None:
+        """Final trace, and on rank 0 the export (EMA UNet + manifest) and the tracking flush."""
+        trainer, totals = self.trainer, self.totals
+        summary = {
+            "final_loss": last.global_loss if last is not None else float("nan"),
+            "samples_per_s": totals["samples"] / totals["time"] if totals["time"] else 0.0,
+            "data_wait_share": totals["wait"] / totals["time"] if totals["time"] else 0.0,
+            "steps_this_attempt": steps_done, "seconds_this_attempt": elapsed,
+            "skipped_steps": trainer.skipped_steps, "resumes": self.resumes, "optimizer": trainer.optimizer_kind,
+        }
+        if self.trace.path:
+            self.trace.write(event="final", step=trainer.step, weights_sha256=_weights_digest(trainer.raw_model),
+                             ema_sha256=_weights_digest(trainer.export_model()) if trainer.ema is not None else None)
+        if self.rank == 0:
+            self._export(summary)
+        self.accelerator.wait_for_everyone()
+
+    def _export(self, summary: dict[str, Any]) -> None:
+        from latentforge.training.export import write_export
+
+        trainer, lc = self.trainer, self.loop_config
+        write_export(lc["export_uri"], trainer.export_model(), trainer.noise_scheduler, self.config.data,
+                     lc["data_digest"], self.manifest, lc["config"], trainer.step, self.mlflow_run_id,
+                     counts={"steps": trainer.step, "skipped_steps": trainer.skipped_steps,
+                             "samples_seen": trainer.samples_seen},
+                     extra={"summary": summary, "beta_schedule": self.config.beta_schedule})
+        if self.artifact_pool is not None:
+            self.artifact_pool.shutdown(wait=True)
+        if self.metrics_logger is not None:
+            self.metrics_logger.close()
+            if self.metrics_logger.dropped:
+                log.warning("%d metric values were dropped (tracking queue full)", self.metrics_logger.dropped)
+        say(f"train: finished at step {trainer.step} ({trainer.skipped_steps} skipped); export at {lc['export_uri']}")
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The function Ray Train runs on every worker."""
+    run = WorkerRun(loop_config)
+    run.resume()
+    run.open_rank0_services()
+    start_step, started = run.trainer.step, time.perf_counter()
+    last = run.train()
+    run.finish(last, run.trainer.step - start_step, time.perf_counter() - started)
