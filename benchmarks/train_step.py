@@ -176,7 +176,9 @@ def cpu_benchmark(args) -> dict:
         cluster.shutdown()
     median = {k: statistics.median(v if k in ("bare", "trainer") else [x["samples_per_s"] for x in v])
               for k, v in runs.items()}
+    paired = [1 - job["samples_per_s"] / bare for job, bare in zip(runs["job_x1"], runs["bare"])]
     return {"runs": runs, "median_samples_per_s": median,
+            "overhead_per_round": paired, "median_overhead_per_round": statistics.median(paired),
             "overhead_vs_bare": 1 - median["job_x1"] / median["bare"],
             "overhead_vs_trainer": 1 - median["job_x1"] / median["trainer"],
             "speedup_2_workers": median["job_x2"] / median["job_x1"]}
