@@ -99,12 +99,17 @@ def _slow_input(tmp_path: Path, server, rows: int, delay: float) -> Path:
                                                   "n": i} for i in range(rows)])
 
 
+def _slow_job_args(src: Path, out: Path) -> list[str]:
+    """The interrupted-run tests' command line: 4-sample shards, 2 threads, so a run takes a while."""
+    return ["--input", str(src), "--output", str(out), "--samples-per-shard", "4", "--allow-private-network",
+            "--threads-per-shard", "2", "--image-size", "32", "--no-mlflow", "--no-progress"]
+
+
 @pytest.mark.slow
 def test_job_subprocess_sigterm_then_resume(ray_head, tmp_path, http_server) -> None:
     src = _slow_input(tmp_path, http_server, 40, delay=0.25)
     out = tmp_path / "out"
-    args = ["--input", str(src), "--output", str(out), "--samples-per-shard", "4", "--allow-private-network",
-            "--threads-per-shard", "2", "--image-size", "32", "--no-mlflow", "--no-progress"]
+    args = _slow_job_args(src, out)
     proc = _job(args, ray_head.env())
     _wait_for_shards(out, 1, proc)
     proc.send_signal(signal.SIGTERM)
@@ -126,8 +131,7 @@ def test_job_subprocess_sigterm_then_resume(ray_head, tmp_path, http_server) -> 
 def test_kill_9_mid_run_then_resume_gives_exact_keys(ray_head, tmp_path, http_server) -> None:
     src = _slow_input(tmp_path, http_server, 48, delay=0.2)
     out = tmp_path / "out"
-    args = ["--input", str(src), "--output", str(out), "--samples-per-shard", "4", "--allow-private-network",
-            "--threads-per-shard", "2", "--image-size", "32", "--no-mlflow", "--no-progress"]
+    args = _slow_job_args(src, out)
     proc = _job(args, ray_head.env(), start_new_session=True)
     _wait_for_shards(out, 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)
