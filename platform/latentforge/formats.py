@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are used: ingest workers never need it (1 s per process)
+    import torch
 
 SHARD_DIGITS = 5
 INDEX_DIGITS = 4
@@ -24,7 +26,7 @@ MAX_SAMPLES_PER_SHARD = 10 ** INDEX_DIGITS
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 LATENT_FIELDS = ("latent.npy", "text.npy", "pooled.npy", "txt", "json")
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STORAGE_DTYPES = ("fp32", "fp16", "bf16")
 
 
 def shard_name(shard: int) -> str:
@@ -48,14 +50,27 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def tensor_to_storage(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a storage dtype name (`fp32`, `fp16`, `bf16`)."""
+    import torch
+
+    if name not in STORAGE_DTYPES:
+        raise KeyError(f"unknown dtype {name!r}; expected one of {', '.join(STORAGE_DTYPES)}")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def tensor_to_storage(tensor: "torch.Tensor", dtype: str) -> np.ndarray:
     """Cast to the stored dtype and return a numpy array (bf16 as uint16 bits)."""
-    cast = tensor.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
+    import torch
+
+    cast = tensor.detach().to("cpu", torch_dtype(dtype)).contiguous()
     return cast.view(torch.uint16).numpy() if dtype == "bf16" else cast.numpy()
 
 
-def storage_to_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+def storage_to_tensor(array: np.ndarray, dtype: str) -> "torch.Tensor":
     """Inverse of `tensor_to_storage`; returns the tensor in its stored dtype."""
+    import torch
+
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor.view(torch.bfloat16) if dtype == "bf16" else tensor
 

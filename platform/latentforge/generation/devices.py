@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from latentforge.formats import TORCH_DTYPES
+from latentforge.formats import torch_dtype
 
 
 def resolve_device(name: str) -> str:
@@ -14,4 +14,4 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    return TORCH_DTYPES[name]
+    return torch_dtype(name)

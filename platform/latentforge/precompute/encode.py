@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentforge.formats import TORCH_DTYPES, tensor_to_storage
+from latentforge.formats import tensor_to_storage, torch_dtype
 from latentforge.models.text_encoder import TextEncoder, load_text_encoder
 from latentforge.models.vae import LatentVAE, VaeSpec, load_vae
 from latentforge.precompute.config import PrecomputeConfig
@@ -24,7 +24,7 @@ def resolve_compute_dtype(config: PrecomputeConfig, device: torch.device) -> tor
     name = config.compute_dtype
     if name == "auto":
         name = config.dtype if device.type == "cuda" else "fp32"
-    return TORCH_DTYPES[name]
+    return torch_dtype(name)
 
 
 def vae_spec(config: PrecomputeConfig) -> VaeSpec:
@@ -98,7 +98,7 @@ class PrecomputeEncoder:
             keys = [str(k) for k in batch["key"][ok]]
             captions = [str(c) for c in batch["caption"][ok]]
             latents, states, lengths, pooled = self.encode_arrays(np.stack(batch["image"][ok]), captions, keys)
-            cast = TORCH_DTYPES[dtype]
+            cast = torch_dtype(dtype)
             latent_bad = ~torch.isfinite(latents.to(cast).float()).flatten(1).all(dim=1)
             text_bad = ~(torch.isfinite(states.to(cast).float()).flatten(1).all(dim=1)
                          & torch.isfinite(pooled.to(cast).float()).all(dim=1))
