@@ -10,6 +10,7 @@
     server.route("/liar", content_length=100)                                # a lying Content-Length
     server.route("/x", headers={"X-Robots-Tag": "noai"})                    # arbitrary headers
     server.requests                                                          # every request seen
+    server.connections                                                       # TCP connections accepted
     server.pool_url(i)                                                       # /pool/<i>.jpg, a pool of JPEGs
 
 Every request is recorded (path, headers, time) so a test can assert that none arrived.
@@ -163,8 +164,16 @@ class RequestRecord:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
+    # HTTP/1.1 keep-alive like real image hosts; an idle kept-alive connection is closed after
+    # `idle_timeout_s` (as servers do), which the client's stale-connection handling must survive.
+    protocol_version = "HTTP/1.1"
     server: "_Server"
+
+    def setup(self) -> None:
+        self.timeout = self.server.owner.idle_timeout_s  # StreamRequestHandler.setup applies it
+        super().setup()
+        with self.server.owner._lock:
+            self.server.owner.connections += 1
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
         return
@@ -188,6 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
         if route is None:
             self.send_response(404)
             self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "13")
             self.end_headers()
             self.wfile.write(b"no such route")
             return
@@ -221,6 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(size))
         elif route.content_length is not None:
             self.send_header("Content-Length", str(route.content_length))
+        if route.content_length != -1 or route.huge:
+            self.send_header("Connection", "close")  # the body ends when the connection does
         self.end_headers()
         if route.huge:
             block = b"\xab" * 65536
@@ -250,13 +262,15 @@ class _Server(ThreadingHTTPServer):
 class LoopbackServer:
     """See the module docstring. `host` may be any 127.x address (127.0.0.2 for a 'second host')."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, idle_timeout_s: float = 5.0) -> None:
         self.host = host
+        self.idle_timeout_s = idle_timeout_s
         self._lock = threading.Lock()
         self._routes: dict[str, Route] = {}
         self._pool: list[bytes] = []
         self.requests: list[RequestRecord] = []
         self.in_flight = 0
+        self.connections = 0  # TCP connections accepted (keep-alive tests)
         self.max_in_flight = 0  # most requests being answered at once (per-host cap tests)
         self._server = _Server((host, port), _Handler)
         self._server.owner = self

@@ -92,6 +92,8 @@ class IngestConfig:
     """Concurrent downloads inside one shard task."""
     max_per_host: int = 8
     """Concurrent requests to one host from one worker process."""
+    reuse_connections: bool = True
+    """Keep a host's connections open between its images (HTTP keep-alive); false = one connection per image."""
     user_agent_token: str = "latentforge"
     """Token in the User-Agent (and the name X-Robots-Tag directives may address)."""
     honor_opt_out: bool = True

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urljoin
 
 from latentforge.ingest.config import IngestConfig
+from latentforge.ingest.connections import STALE_ERRORS, ConnectionPool, PoolKey
 from latentforge.ingest.safety import AddressPolicy, BlockedURL, ResolveError, Target
 
 READ_CHUNK = 64 * 1024
@@ -48,6 +49,7 @@ class FetchSettings:
     max_retry_after_s: float = IngestConfig.max_retry_after_s
     max_redirects: int = IngestConfig.max_redirects
     max_per_host: int = IngestConfig.max_per_host
+    reuse_connections: bool = IngestConfig.reuse_connections
     user_agent_token: str = IngestConfig.user_agent_token
     honor_opt_out: bool = IngestConfig.honor_opt_out
     opt_out_directives: tuple[str, ...] = tuple(_OPT_OUT_DEFAULT)
@@ -175,32 +177,6 @@ def _kill(sock: socket.socket) -> None:
         pass
 
 
-# --------------------------------------------------------------------------- connections
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the already-checked address, never re-resolving the host name."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-_SSL_CONTEXT = ssl.create_default_context()
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=_SSL_CONTEXT)
-        self._address = address
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = _SSL_CONTEXT.wrap_socket(sock, server_hostname=self.host)
-
-
 def is_opted_out(header_values: Iterable[str], user_agent_token: str, directives: Iterable[str]) -> bool:
     """X-Robots-Tag: `noai`, or `ourbot: noimageai`; directives for other bots are ignored."""
     wanted = {d.lower() for d in directives}
@@ -248,6 +224,11 @@ class Fetcher:
         self._rng = rng or random.Random()
         self._host_slots: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
+        self.connections = ConnectionPool(settings.max_per_host, enabled=settings.reuse_connections)
+        self._headers = {"User-Agent": settings.user_agent, "Accept": "image/*,*/*;q=0.8",
+                         "Accept-Encoding": "identity"}
+        if not settings.reuse_connections:
+            self._headers["Connection"] = "close"
 
     def _slot(self, host: str) -> threading.BoundedSemaphore:
         with self._lock:
@@ -312,24 +293,10 @@ class Fetcher:
         deadline.check("DNS")
         addresses = self.policy.resolve(target, deadline.remaining())
         deadline.check("DNS")
-        conn_cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-        conn = conn_cls(target.host, target.port, str(addresses[0]), timeout=max(deadline.remaining(), 0.001))
+        key: PoolKey = (target.scheme, target.host, target.port, str(addresses[0]))
+        conn, response = self._send(key, target, deadline)
+        keep = False
         try:
-            try:
-                conn.connect()
-                deadline.watch(conn.sock)
-                conn.request("GET", target.path, headers={
-                    "User-Agent": s.user_agent, "Accept": "image/*,*/*;q=0.8",
-                    "Accept-Encoding": "identity", "Connection": "close"})
-                response = conn.getresponse()
-            except (socket.timeout, TimeoutError) as exc:
-                raise _Failure("timeout", f"timed out: {exc}") from exc
-            except ssl.SSLError as exc:
-                raise _Failure("connection", f"TLS error: {exc}") from exc
-            except (OSError, http.client.HTTPException) as exc:
-                if deadline.expired or deadline.remaining() <= 0:
-                    raise _Failure("timeout", "deadline passed before the headers arrived") from exc
-                raise _Failure("connection", f"{type(exc).__name__}: {exc}") from exc
             status = response.status
             if status in REDIRECT_CODES:
                 location = response.getheader("Location")
@@ -337,14 +304,7 @@ class Fetcher:
                     raise _Failure("http_other", f"HTTP {status} without Location", status)
                 return location, None
             if status != 200:
-                retry_after = parse_retry_after(response.getheader("Retry-After")) if status in (429, 503) else None
-                if status == 429:
-                    raise _Failure("http_429", "HTTP 429", status, retry_after)
-                if 400 <= status < 500:
-                    raise _Failure("http_4xx", f"HTTP {status}", status)
-                if 500 <= status < 600:
-                    raise _Failure("http_5xx", f"HTTP {status}", status, retry_after)
-                raise _Failure("http_other", f"HTTP {status}", status)
+                raise _status_failure(status, response)
             if s.honor_opt_out and is_opted_out(response.headers.get_all("X-Robots-Tag") or [],
                                                 s.user_agent_token, s.opt_out_directives):
                 raise _Failure("opt_out", "X-Robots-Tag opts out of AI use", status)
@@ -354,10 +314,33 @@ class Fetcher:
             body = self._read_body(response, deadline, status)
             if declared is not None and declared.strip().isdigit() and len(body) < int(declared):
                 raise _Failure("connection", f"body ended after {len(body)} of {declared} bytes", status)
+            keep = response.isclosed() and not response.will_close and not deadline.expired
             return None, (body, status, target.url, response.getheader("Content-Type") or "")
         finally:
             deadline.watch(None)
-            conn.close()
+            if keep:
+                self.connections.give(key, conn)
+            else:
+                conn.close()
+
+    def _send(self, key: PoolKey, target: Target,
+              deadline: _Deadline) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send the GET and read the response headers; a kept-alive connection that the server
+        closed while it sat idle is replaced by a new one once (the GET had not been served)."""
+        while True:
+            conn, reused = self.connections.take(key, max(deadline.remaining(), 0.001))
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                deadline.watch(conn.sock)
+                conn.request("GET", target.path, headers=self._headers)
+                return conn, conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                deadline.watch(None)
+                if reused and isinstance(exc, STALE_ERRORS) and not deadline.expired:
+                    continue
+                raise _request_failure(exc, deadline) from exc
 
     def _read_body(self, response: http.client.HTTPResponse, deadline: _Deadline, status: int) -> bytes:
         limit = self.settings.max_bytes
@@ -380,4 +363,28 @@ class Fetcher:
                 raise _Failure("connection", f"body ended early ({len(buffer)} bytes)", status) from exc
             raise _Failure("connection", f"{type(exc).__name__}: {exc}", status) from exc
         deadline.check("the body")
+        response.close()  # read to its end: releases the connection for the next request (read1 does not)
         return bytes(buffer)
+
+
+def _request_failure(exc: BaseException, deadline: _Deadline) -> _Failure:
+    """The reason code of a failure before the response headers arrived."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return _Failure("timeout", f"timed out: {exc}")
+    if deadline.expired or deadline.remaining() <= 0:
+        return _Failure("timeout", "deadline passed before the headers arrived")
+    if isinstance(exc, ssl.SSLError):
+        return _Failure("connection", f"TLS error: {exc}")
+    return _Failure("connection", f"{type(exc).__name__}: {exc}")
+
+
+def _status_failure(status: int, response: http.client.HTTPResponse) -> _Failure:
+    """The reason code of a non-200, non-redirect status (Retry-After kept for 429/503)."""
+    retry_after = parse_retry_after(response.getheader("Retry-After")) if status in (429, 503) else None
+    if status == 429:
+        return _Failure("http_429", "HTTP 429", status, retry_after)
+    if 400 <= status < 500:
+        return _Failure("http_4xx", f"HTTP {status}", status)
+    if 500 <= status < 600:
+        return _Failure("http_5xx", f"HTTP {status}", status, retry_after)
+    return _Failure("http_other", f"HTTP {status}", status)
