@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from latentforge.ingest.config import IngestConfig
-from latentforge.ingest.images import ImageProcessor, jpeg_is_complete
-from tests.harness.http_server import make_image
+from latentforge.ingest.images import ImageProcessor, jpeg_is_complete, jpeg_scale
+from tests.harness.http_server import jpeg_bytes, make_image
 
 
 def processor(**overrides) -> ImageProcessor:
@@ -122,3 +122,31 @@ def test_jpeg_completeness_marker() -> None:
     data = make_image("jpeg")
     assert jpeg_is_complete(data) and jpeg_is_complete(data + b"trailing junk")
     assert not jpeg_is_complete(data[:-100]) and not jpeg_is_complete(b"")
+
+
+@pytest.mark.parametrize("size,overrides,scale", [
+    ((1000, 800), {}, 2),                                   # 500 px long side still > 256
+    ((2100, 1000), {}, 8),                                  # 263 > 256 even at 1/8
+    ((500, 400), {}, 1),                                    # 250 at 1/2 would upscale
+    ((1000, 600), {"resize_mode": "keep_ratio"}, 2),        # the short side decides here
+    ((1000, 600), {"resize_mode": "keep_ratio", "min_image_size": 400}, 1),  # 300 < min size
+    ((4000, 3000), {"resize_mode": "no"}, 1),               # no resize: full pixels wanted
+    # 2041x204 is 10.005:1 (> 10); at 1/8 it is 256x26 = 9.85:1, which would pass the filter
+    ((2041, 204), {"image_size": 200, "max_aspect_ratio": 10.0}, 4),
+])
+def test_jpeg_scale_keeps_every_resizer_decision(size: tuple[int, int], overrides: dict, scale: int) -> None:
+    assert jpeg_scale(*size, dataclasses.replace(IngestConfig(), **overrides)) == scale
+
+
+def test_large_jpeg_reduced_decode_matches_the_full_decode() -> None:
+    data = jpeg_bytes(1200, 900, seed=3, quality=90)
+    proc = processor(image_size=256, resize_mode="border")
+    result = proc.process(data)
+    full, width, height, orig_w, orig_h, err = proc.resizer(io.BytesIO(data))  # img2dataset's own path
+    assert err is None and result.status == "ok"
+    assert (result.width, result.height) == (width, height) == (256, 256)
+    assert (result.original_width, result.original_height) == (orig_w, orig_h) == (1200, 900)
+    ours = np.asarray(decode(result.data), dtype=np.float64)
+    theirs = np.asarray(decode(full), dtype=np.float64)
+    psnr = 10 * np.log10(255 ** 2 / np.mean((ours - theirs) ** 2))
+    assert psnr > 32, f"reduced-scale decode differs from the full decode: PSNR {psnr:.1f} dB"

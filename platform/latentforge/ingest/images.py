@@ -4,8 +4,12 @@ Order matters for safety and speed:
 1. sniff the format from the bytes (Pillow reads only the header) and refuse what is not on
    the allow-list (HTML, SVG, empty bodies never reach a decoder);
 2. refuse decompression bombs from the header dimensions, before any pixel is decoded;
-3. the common case, a complete baseline RGB JPEG without an EXIF rotation, goes straight to
-   the resizer (one decode, exactly what img2dataset does);
+3. the common case, a complete RGB JPEG without an EXIF rotation, goes straight to the
+   resizer (one decode, exactly what img2dataset does) -- unless it is at least twice the
+   target size: then libjpeg decodes it at 1/2, 1/4 or 1/8 scale (the DCT-domain reduction,
+   far cheaper than decoding every pixel and averaging them away again) and the resizer gets
+   that smaller image, chosen so that it still downscales and every size filter decides
+   exactly as on the full image (`jpeg_scale`);
 4. everything else (CMYK, palette, 16-bit, alpha, EXIF-rotated, grey) is decoded by Pillow,
    rotated upright, converted to 8-bit RGB and handed to the resizer as a lossless BMP.
 The output is always a 3-channel RGB image encoded as jpg/png/webp.
@@ -14,6 +18,7 @@ The output is always a 3-channel RGB image encoded as jpg/png/webp.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
 
 EXIF_ORIENTATION = 0x0112
+JPEG_SCALES = (8, 4, 2)   # the reductions libjpeg (cv2.IMREAD_REDUCED_COLOR_N) decodes directly
 _FILTER_ERRORS = ("image too small", "aspect ratio too large", "image area too large")
 
 
@@ -69,6 +75,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV ...
 
 
+def jpeg_scale(width: int, height: int, config: Any) -> int:
+    """The largest libjpeg reduction whose result the resizer treats like the full image: it
+    still downscales (so the output size and interpolation are the same) and the min-size and
+    aspect-ratio filters give the same verdict. 1 means decode at full size."""
+    if config.resize_mode == "no":
+        return 1
+    longest_side = config.resize_mode in ("border", "keep_ratio_largest")
+    max_ratio = config.max_aspect_ratio or math.inf
+    too_elongated = max(width, height) / min(width, height) > max_ratio
+    for scale in JPEG_SCALES:
+        w, h = -(-width // scale), -(-height // scale)  # libjpeg rounds reduced sizes up
+        side = max(w, h) if longest_side else min(w, h)
+        if (side > config.image_size and min(w, h) >= config.min_image_size
+                and (max(w, h) / min(w, h) > max_ratio) == too_elongated):
+            return scale
+    return 1
+
+
+def decode_reduced_jpeg(data: bytes, scale: int) -> io.BytesIO:
+    """A JPEG decoded at 1/`scale` by libjpeg, as a lossless BMP stream for the resizer."""
+    import cv2
+
+    flag = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[scale]
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)  # (H/scale, W/scale, 3) BGR, as the resizer reads it
+    if image is None:
+        raise _Truncated("JPEG could not be decoded")
+    ok, encoded = cv2.imencode(".bmp", image)
+    if not ok:
+        raise _Truncated("reduced JPEG could not be re-encoded")
+    return io.BytesIO(encoded.tobytes())
+
+
 class ImageProcessor:
     """Thread-safe; one per worker (the resizer holds only settings)."""
 
@@ -87,6 +125,7 @@ class ImageProcessor:
             max_aspect_ratio=config.max_aspect_ratio if config.max_aspect_ratio else float("inf"),
         )
         self.extension = config.encode_format
+        self.config = config
 
     def process(self, data: bytes) -> ImageResult:
         if not data:
@@ -115,12 +154,14 @@ class ImageProcessor:
                                              f"{self.max_pixels:,}", source_format=fmt,
                                original_width=width, original_height=height)
         try:
-            stream = self._normalised_stream(image, fmt, data)
+            stream, reduced = self._normalised_stream(image, fmt, data)
         except _Truncated as exc:
             return ImageResult("decode_error", error=str(exc), source_format=fmt)
         except Exception as exc:  # noqa: BLE001 - Pillow raises OSError/ValueError/SyntaxError on bad data
             return ImageResult("decode_error", error=f"{type(exc).__name__}: {exc}"[:300], source_format=fmt)
         encoded, out_w, out_h, orig_w, orig_h, err = self.resizer(stream)
+        if reduced:
+            orig_w, orig_h = width, height  # the resizer saw the reduced decode
         if err is not None or encoded is None:
             err = err or "resizer returned nothing"
             status = "filtered_size" if any(e in err for e in _FILTER_ERRORS) else "decode_error"
@@ -129,7 +170,8 @@ class ImageProcessor:
         return ImageResult("ok", data=encoded, width=out_w, height=out_h, original_width=orig_w,
                            original_height=orig_h, source_format=fmt)
 
-    def _normalised_stream(self, image: Image.Image, fmt: str, data: bytes) -> io.BytesIO:
+    def _normalised_stream(self, image: Image.Image, fmt: str, data: bytes) -> tuple[io.BytesIO, bool]:
+        """(stream for the resizer, whether it holds a reduced-scale decode)."""
         if fmt == "JPEG" and not jpeg_is_complete(data):
             raise _Truncated("truncated JPEG (no end-of-image marker after the last scan)")
         orientation = 1
@@ -138,7 +180,10 @@ class ImageProcessor:
         except Exception:  # noqa: BLE001 - a broken EXIF block is not worth refusing the image for
             orientation = 1
         if fmt == "JPEG" and image.mode == "RGB" and orientation == 1:
-            return io.BytesIO(data)  # fast path: the resizer's own single decode
+            scale = jpeg_scale(image.width, image.height, self.config)
+            if scale == 1:
+                return io.BytesIO(data), False  # fast path: the resizer's own single decode
+            return decode_reduced_jpeg(data, scale), True
         image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
         if orientation != 1:
             image = ImageOps.exif_transpose(image)
@@ -148,7 +193,7 @@ class ImageProcessor:
         out = io.BytesIO()
         rgb.save(out, format="BMP")
         out.seek(0)
-        return out
+        return out, False
 
 
 class _Truncated(Exception):
