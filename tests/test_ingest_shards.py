@@ -197,3 +197,16 @@ def test_exception_mid_shard_leaves_no_visible_file(tmp_path, ten_rows, monkeypa
     assert visible in (["manifest.json"], ["00000.tar", "manifest.json"])  # the tar is complete if present
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
     assert mf.read_manifest(str(tmp_path / "out"), "ingest").shards == []
+
+
+def test_worker_stdout_and_stderr_survive_the_resizer_threads(tmp_path, http_server) -> None:
+    # img2dataset's Resizer points fds 1 and 2 at /dev/null around every image; from 64 threads
+    # the dup/dup2 calls interleave and can leave a worker's output silenced for good.
+    import os
+
+    http_server.set_pool(realistic_jpeg_pool(8))
+    write_rows(tmp_path / "in.parquet", pool_rows(http_server, 600))
+    config = config_for(tmp_path, samples_per_shard=600, threads_per_shard=64, max_per_host=64)
+    before = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
+    assert run_local(config)["counts"]["ok"] == 600
+    assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == before

@@ -17,12 +17,13 @@ The output is always a 3-channel RGB image encoded as jpg/png/webp.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -105,6 +106,24 @@ def decode_reduced_jpeg(data: bytes, scale: int) -> io.BytesIO:
     if not ok:
         raise _Truncated("reduced JPEG could not be re-encoded")
     return io.BytesIO(encoded.tobytes())
+
+
+@contextlib.contextmanager
+def standard_streams_kept() -> Iterator[None]:
+    """Give the process its own stdout/stderr back after a batch of resizer calls.
+
+    img2dataset's `Resizer` silences fds 1 and 2 with dup/dup2 around every image. Called from
+    many threads at once those calls interleave, and a thread can "restore" another thread's
+    /dev/null: the worker would stay silenced for good and its logs and tracebacks be lost.
+    Enter this before the download threads start and leave it after they have all finished.
+    """
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        yield
+    finally:
+        for target, fd in enumerate(saved, start=1):
+            os.dup2(fd, target)
+            os.close(fd)
 
 
 class ImageProcessor:

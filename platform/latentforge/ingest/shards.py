@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from latentforge import formats, storage
 from latentforge.ingest.config import IngestConfig
 from latentforge.ingest.download import Fetcher, FetchSettings
-from latentforge.ingest.images import ImageProcessor
+from latentforge.ingest.images import ImageProcessor, standard_streams_kept
 from latentforge.ingest.inputs import InputPlan, read_rows, split_record
 from latentforge.ingest.safety import AddressPolicy
 
@@ -179,7 +179,8 @@ def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputP
     counts: collections.Counter[str] = collections.Counter()
     replaces: collections.Counter[str] = collections.Counter()
     tar_uri = storage.join(out, tar_name(shard))
-    with storage.atomic_open(tar_uri, "wb") as raw, ThreadPoolExecutor(threads, thread_name_prefix="lf-dl") as pool:
+    with storage.atomic_open(tar_uri, "wb") as raw, standard_streams_kept(), \
+            ThreadPoolExecutor(threads, thread_name_prefix="lf-dl") as pool:
         hashing = _HashingWriter(raw)
         writer = wds.TarWriter(hashing, encoder=False, mtime=TAR_MTIME)
         window: collections.deque[Future] = collections.deque()
