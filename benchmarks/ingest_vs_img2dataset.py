@@ -1,7 +1,8 @@
 """Ingest throughput vs img2dataset, and peak memory at 10k vs 100k rows.
 
     .venv/bin/python benchmarks/ingest_vs_img2dataset.py [--rows 5000] [--repeats 3] [--processes 2]
-        [--threads 64] [--rss-rows 10000,100000] [--skip-rss] [--skip-speed] [--json out.json]
+        [--threads 64] [--ray embedded|cluster|both] [--rss-rows 10000,100000] [--skip-rss]
+        [--skip-speed] [--json out.json]
 
 Both tools download the same URL list from the same threaded loopback server (a pool of
 photo-like JPEGs of ~10-120 KB, median ~50 KB), resize to the same size and mode, write
@@ -11,6 +12,13 @@ downloads, writing), because that is what a user waits for; the ingest job's own
 (from its summary) is reported beside it. Runs alternate (ours, theirs, ours, ...) so machine
 noise hits both; the reported number is the median of `--repeats`.
 
+`--ray` says how our job meets Ray: `embedded` (no RAY_ADDRESS: the job starts and stops its
+own local Ray inside the timed run, as a new user's first run does) or `cluster` (a
+`ray start --head` cluster with the same CPU count is started once, untimed, and the job
+attaches through RAY_ADDRESS, as `ray job submit` on a running cluster does). Each mode is a
+phase of its own with its own img2dataset runs, so both tools see the same machine state
+(in `cluster` the head's idle daemons run during img2dataset's runs too).
+
 Peak RSS: the summed resident memory of the job's whole process tree (driver, embedded Ray's
 GCS/raylet and workers), sampled every 0.2 s, for a 10k- and a 100k-row input of small images
 served from a pool (the memory question is about rows, not pixels).
@@ -19,6 +27,7 @@ served from a pool (the memory question is about rows, not pixels).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 
@@ -38,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.harness.http_server import LoopbackServer, jpeg_bytes, realistic_jpeg_pool  # noqa: E402
+from tests.harness.ray_head import RayHead  # noqa: E402
 from tests.harness.url_lists import pool_rows, write_rows  # noqa: E402
 
 PY = sys.executable
@@ -112,33 +123,57 @@ def in_stage_rate(output: str) -> float | None:
     return float(match.group(1).replace(",", "")) if match else None
 
 
+@contextlib.contextmanager
+def ray_for_ours(mode: str, env: dict[str, str], cpus: int) -> Iterator[dict[str, str]]:
+    """The environment our job runs with: no RAY_ADDRESS, or attached to a fresh `cpus`-CPU head."""
+    if mode == "embedded":
+        yield env
+        return
+    temp_dir = Path(tempfile.mkdtemp(prefix="lfb-ray-", dir="/tmp"))  # short: AF_UNIX path limit
+    head = RayHead(temp_dir=temp_dir, num_cpus=cpus).start()
+    try:
+        yield {**env, **head.env()}
+    finally:
+        head.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def speed_phase(a: argparse.Namespace, work: Path, src: Path, env: dict[str, str], mode: str) -> dict:
+    """Alternating runs of both tools; our job meets Ray as `mode` says."""
+    results: dict[str, list[dict]] = {"latentforge": [], "img2dataset": []}
+    with ray_for_ours(mode, env, a.processes) as ours_env:
+        for rep in range(a.repeats):
+            for tool, make, run_env in (("latentforge", ours_cmd, ours_env), ("img2dataset", theirs_cmd, env)):
+                out = work / f"{tool}-{rep}"
+                shutil.rmtree(out, ignore_errors=True)
+                wall, peak, output = run_measured(make(src, out, a, a.image_size), run_env)
+                images = count_tar_images(out)
+                rec = {"wall_s": round(wall, 2), "images": images, "images_per_s": round(images / wall, 1),
+                       "peak_rss_mib": round(peak / 2 ** 20), "in_stage_images_per_s": in_stage_rate(output)}
+                results[tool].append(rec)
+                print(f"[speed:{mode}] {tool} run {rep + 1}: {rec}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    summary: dict = {}
+    for tool, recs in results.items():
+        summary[tool] = {"median_images_per_s": statistics.median(r["images_per_s"] for r in recs),
+                         "median_wall_s": statistics.median(r["wall_s"] for r in recs), "runs": recs}
+    ours, theirs = summary["latentforge"]["median_images_per_s"], summary["img2dataset"]["median_images_per_s"]
+    summary["ratio"] = round(ours / theirs, 3) if theirs else None
+    return summary
+
+
 def speed(a: argparse.Namespace, work: Path, env: dict[str, str]) -> dict:
     server = LoopbackServer().start()
     try:
         pool = realistic_jpeg_pool(32)
         server.set_pool(pool)
-        write_rows(work / "urls.parquet", pool_rows(server, a.rows))
-        results: dict[str, list[dict]] = {"latentforge": [], "img2dataset": []}
-        for rep in range(a.repeats):
-            for tool, make in (("latentforge", ours_cmd), ("img2dataset", theirs_cmd)):
-                out = work / f"{tool}-{rep}"
-                shutil.rmtree(out, ignore_errors=True)
-                wall, peak, output = run_measured(make(work / "urls.parquet", out, a, a.image_size), env)
-                images = count_tar_images(out)
-                rec = {"wall_s": round(wall, 2), "images": images, "images_per_s": round(images / wall, 1),
-                       "peak_rss_mib": round(peak / 2 ** 20), "in_stage_images_per_s": in_stage_rate(output)}
-                results[tool].append(rec)
-                print(f"[speed] {tool} run {rep + 1}: {rec}", flush=True)
-                shutil.rmtree(out, ignore_errors=True)
-        summary = {}
-        for tool, recs in results.items():
-            summary[tool] = {"median_images_per_s": statistics.median(r["images_per_s"] for r in recs),
-                             "median_wall_s": statistics.median(r["wall_s"] for r in recs), "runs": recs}
-        ours, theirs = summary["latentforge"]["median_images_per_s"], summary["img2dataset"]["median_images_per_s"]
-        summary["ratio"] = round(ours / theirs, 3) if theirs else None
-        summary["mean_jpeg_kib"] = round(sum(len(p) for p in pool) / len(pool) / 1024, 1)
-        summary["src_rows"] = a.rows
-        return summary
+        src = write_rows(work / "urls.parquet", pool_rows(server, a.rows))
+        modes = ["embedded", "cluster"] if a.ray == "both" else [a.ray]
+        report: dict = {mode: speed_phase(a, work, src, env, mode) for mode in modes}
+        report["mean_jpeg_kib"] = round(sum(len(p) for p in pool) / len(pool) / 1024, 1)
+        report["src_rows"] = a.rows
+        report["server_connections"] = server.connections
+        return report
     finally:
         server.stop()
 
@@ -174,6 +209,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--resize-mode", default="border")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--ray", choices=["embedded", "cluster", "both"], default="embedded",
+                        help="how our job meets Ray (see the module docstring)")
     parser.add_argument("--rss-rows", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000])
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
