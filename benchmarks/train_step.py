@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -118,18 +119,18 @@ def trainer_loop(info, args) -> float:
 
 
 def job_run(work: Path, info, args, workers: int, repeat: int = 0) -> dict:
-    from jobs.train import main
-
+    """`python jobs/train.py ...` as a user runs it, attached to the cluster through RAY_ADDRESS."""
     name = f"bench-x{workers}-r{repeat}"
     argv = ["--preset", "tiny", "--data", str(info.dir), "--steps", str(args.steps), "--batch-size",
             str(args.batch_size), "--num-workers", str(workers), "--placement-strategy", "SPREAD",
             "--storage-path", str(work / "runs"), "--run-name", name, "--checkpoint-every", str(10 * args.steps),
             "--log-every", str(args.steps), "--trace-dir", str(work / "trace" / name), "--eval-every", "0"]
     start = time.time()
-    code = main(argv)
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *argv], cwd=REPO,
+                          capture_output=True, text=True)
     wall = time.time() - start
-    if code != 0:
-        raise SystemExit(f"jobs/train.py exited {code}")
+    if done.returncode != 0:
+        raise SystemExit(f"jobs/train.py exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     events = [json.loads(x) for x in (work / "trace" / name / "trace_rank0.jsonl").read_text().splitlines()]
     all_steps = [e for e in events if e["event"] == "step"]
     steps = all_steps[args.warmup:]
@@ -142,21 +143,43 @@ def job_run(work: Path, info, args, workers: int, repeat: int = 0) -> dict:
             "wall_s_including_ray_start": wall}
 
 
+def loop_in_fresh_process(kind: str, info, args) -> float:
+    """Samples/s of the `kind` in-memory loop, run in a new interpreter that never imports Ray."""
+    cmd = [sys.executable, __file__, "--loop", kind, "--data-dir", str(info.dir), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--latent-size",
+           str(args.latent_size), "--width", str(args.width)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} loop exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def run_loop(args) -> None:
+    """The child side of `loop_in_fresh_process`: prints the loop's samples/s."""
+    import types
+
+    import torch
+
+    from latentforge.manifest import read_manifest
+
+    torch.set_num_threads(1)
+    info = types.SimpleNamespace(dir=Path(args.data_dir), manifest=read_manifest(args.data_dir, "precompute"))
+    print((bare_loop if args.loop == "bare" else trainer_loop)(info, args))
+
+
 def cpu_benchmark(args) -> dict:
     """--repeats rounds of bare, trainer, job x1 and job x2, interleaved; the ratios use medians.
 
     On 2 shared cores single runs of this size vary by +-5 %, more than the overhead being
     measured, hence the repeats. The simulated cluster is up (idle) during the bare and trainer
-    loops too, so every run sees the same machine.
+    loops too, so every run sees the same machine. Every run is a process of its own: the loops
+    run in interpreters that never import Ray (a connected Ray driver's threads in the same
+    process slow a loop down), and the jobs run as `python jobs/train.py`, as users run them.
     """
     import statistics
 
-    import ray
-    import torch
-
     from tests.harness.ray_head import start_simulated_cluster
 
-    torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="lf-bench-train-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     info = _data(work, args.samples, args.latent_size, args.width)
@@ -164,15 +187,14 @@ def cpu_benchmark(args) -> dict:
     cluster = start_simulated_cluster(num_nodes=2, cpus_per_node=1)
     try:
         for r in range(args.repeats):
-            runs["bare"].append(bare_loop(info, args))
-            runs["trainer"].append(trainer_loop(info, args))
+            runs["bare"].append(loop_in_fresh_process("bare", info, args))
+            runs["trainer"].append(loop_in_fresh_process("trainer", info, args))
             runs["job_x1"].append(job_run(work, info, args, 1, r))
             runs["job_x2"].append(job_run(work, info, args, 2, r))
             print(f"round {r + 1}: bare {runs['bare'][-1]:.1f}, trainer {runs['trainer'][-1]:.1f}, job x1 "
                   f"{runs['job_x1'][-1]['samples_per_s']:.1f}, job x2 {runs['job_x2'][-1]['samples_per_s']:.1f} "
                   "samples/s", flush=True)
     finally:
-        ray.shutdown()
         cluster.shutdown()
     median = {k: statistics.median(v if k in ("bare", "trainer") else [x["samples_per_s"] for x in v])
               for k, v in runs.items()}
@@ -244,7 +266,12 @@ def main() -> None:
     parser.add_argument("--gpu-batch", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--loop", choices=["bare", "trainer"], help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loop:
+        run_loop(args)
+        return
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
                "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "args": vars(args)}
     results.update(gpu_mfu(args) if args.gpu_mfu else cpu_benchmark(args))
