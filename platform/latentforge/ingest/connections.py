@@ -9,9 +9,10 @@ one per host saves the handshakes and, on the server, a new connection per image
 
 A connection goes back to the pool only after a 200 whose body was read to the end within
 the deadline and whose server did not ask to close; everything else is closed. Idle
-connections are dropped after `idle_s` (servers close them on their side too), and a reused
-connection that turns out to be closed by the server is retried once on a fresh one by the
-caller (`is_stale_failure`), which is what HTTP clients do for an idempotent GET.
+connections are dropped after `idle_s` (servers close them on their side too). When a reused
+connection turns out to have been closed by the server (`STALE_ERRORS`), the caller drops it
+and sends the GET on the next idle one or a new one, as HTTP clients do for an idempotent
+request; only a failure on a new connection counts as the attempt's failure.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class ConnectionPool:
         self._idle: dict[PoolKey, collections.deque[tuple[float, http.client.HTTPConnection]]] = {}
         self._lock = threading.Lock()
         self.opened = 0   # connections opened (a test and the stats read it)
-        self.reused = 0   # requests that went over an already-open connection
+        self.reused = 0   # idle connections handed out again
 
     def take(self, key: PoolKey, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
         """(connection, reused): an idle one for `key` when there is one, else a new one."""
@@ -110,10 +111,3 @@ class ConnectionPool:
                     idle.append((time.monotonic(), conn))
                     return
         conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            conns = [c for idle in self._idle.values() for _, c in idle]
-            self._idle.clear()
-        for conn in conns:
-            conn.close()

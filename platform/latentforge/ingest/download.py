@@ -325,8 +325,9 @@ class Fetcher:
 
     def _send(self, key: PoolKey, target: Target,
               deadline: _Deadline) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send the GET and read the response headers; a kept-alive connection that the server
-        closed while it sat idle is replaced by a new one once (the GET had not been served)."""
+        """Send the GET and read the response headers. A kept-alive connection that the server
+        closed while it sat idle is dropped and the GET (not served) goes out on the next idle
+        one or a new one; the pool holds at most `max_per_host`, so this ends."""
         while True:
             conn, reused = self.connections.take(key, max(deadline.remaining(), 0.001))
             try:
