@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # torch is imported where tensors are used: ingest workers never need it (1 s per process)
+if TYPE_CHECKING:  # torch is imported where tensors are used: the ingest driver never needs it (1 s import)
     import torch
 
 SHARD_DIGITS = 5
