@@ -252,6 +252,42 @@ def summary_text(config: DemoConfig, paths: Paths, result: dict[str, Any]) -> st
             f"dominates (and sits where the caption says), measured with latentforge.demo.adherence.")
 
 
+def demo_paths(config: DemoConfig) -> Paths:
+    """The demo's directory, emptied of earlier stage outputs when `fresh` is set."""
+    paths = Paths(config.out)
+    if config.fresh:
+        for stale in (paths.shards, paths.latents, paths.checkpoints, paths.samples):
+            shutil.rmtree(stale, ignore_errors=True)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def sample_and_score(config: DemoConfig, paths: Paths, pipeline: Any, models: dict[str, Path],
+                     timings: dict[str, float]) -> dict[str, Any]:
+    """Generate the eval prompts with each model; log its adherence and grid to the pipeline run."""
+    adherence = {}
+    for name, model in models.items():
+        out = paths.samples / name
+        run_stage("generate", generate_argv(config, str(model), paths.prompts, out, f"demo-generate-{name}"), timings)
+        adherence[name] = measure_adherence(out)
+        pipeline.stage_run.log_metrics(adherence[name].as_metrics(f"adherence_{name}"))
+        if (out / "grid.png").exists():
+            pipeline.stage_run.log_artifact(str(out / "grid.png"), f"samples/{name}")
+    return adherence
+
+
+def chart_in_training_run(train_run: str, export: Path, adherence: dict[str, Any], config: DemoConfig,
+                          paths: Paths) -> None:
+    """The same numbers as a chart in the training run: step 0 (untrained) vs the last step."""
+    from latentforge import tracking
+
+    for name, step in (("untrained", 0), ("trained", trained_step(export, config.steps))):
+        tracking.log_metrics_to_run(train_run, adherence[name].as_metrics("adherence"), step)
+        grid = paths.samples / name / "grid.png"
+        if grid.exists():
+            tracking.log_artifact_to_run(train_run, str(grid), f"adherence/{name}")
+
+
 def run(config: DemoConfig) -> dict[str, Any]:
     from latentforge import tracking
     from latentforge.demo.server import DemoImageServer, url_rows, write_url_list
@@ -260,11 +296,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     from pipelines.runtime import init_ray
 
     started = time.monotonic()
-    paths = Paths(config.out)
-    if config.fresh:
-        for stale in (paths.shards, paths.latents, paths.checkpoints, paths.samples):
-            shutil.rmtree(stale, ignore_errors=True)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    paths = demo_paths(config)
     timings: dict[str, float] = {}
     scenes = prepare_data(config, paths)
     clip_weights = text_encoder_weights(config, paths)
@@ -289,21 +321,11 @@ def run(config: DemoConfig) -> dict[str, Any]:
             export = find_export(paths, "demo-train")
             untrained = write_untrained_export(export, paths.checkpoints / "untrained" / "export",
                                                config.unet_preset, config.seed)
-            adherence = {}
-            for name, model in (("untrained", untrained), ("trained", export)):
-                out = paths.samples / name
-                run_stage("generate", generate_argv(config, str(model), paths.prompts, out, f"demo-generate-{name}"), timings)
-                adherence[name] = measure_adherence(out)
-                pipeline.stage_run.log_metrics(adherence[name].as_metrics(f"adherence_{name}"))
-                if (out / "grid.png").exists():
-                    pipeline.stage_run.log_artifact(str(out / "grid.png"), f"samples/{name}")
+            adherence = sample_and_score(config, paths, pipeline, {"untrained": untrained, "trained": export},
+                                         timings)
             train_run = training_run_id(export)
-            if train_run:  # the same numbers as a chart in the training run: step 0 vs the last step
-                for name, step in (("untrained", 0), ("trained", trained_step(export, config.steps))):
-                    tracking.log_metrics_to_run(train_run, adherence[name].as_metrics("adherence"), step)
-                    grid = paths.samples / name / "grid.png"
-                    if grid.exists():
-                        tracking.log_artifact_to_run(train_run, str(grid), f"adherence/{name}")
+            if train_run:
+                chart_in_training_run(train_run, export, adherence, config, paths)
             result = {
                 "pipeline_run_id": pipeline.run_id,
                 "experiment_id": _experiment_id(pipeline),
