@@ -67,6 +67,8 @@ def test_shard_files_keys_and_metadata(tmp_path, ten_rows) -> None:
                                   "http_4xx": 1, "not_image": 1}
     names = tar_members(out / "00000.tar")
     assert names == [f"00000000{i}.{ext}" for i in (0, 2, 3) for ext in ("jpg", "json", "txt")]
+    with tarfile.open(out / "00000.tar") as tar:  # plain ustar members: no per-member pax header
+        assert all(m.mtime == 0 and not m.pax_headers for m in tar.getmembers())
     with tarfile.open(out / "00001.tar") as tar:
         meta = json.loads(tar.extractfile("000010000.json").read())
         caption = tar.extractfile("000010000.txt").read().decode()

@@ -33,7 +33,9 @@ from latentforge.ingest.images import ImageProcessor, standard_streams_kept
 from latentforge.ingest.inputs import InputPlan, read_rows, split_record
 from latentforge.ingest.safety import AddressPolicy
 
-TAR_MTIME = 0.0  # fixed member mtime: the same samples give byte-identical tars
+# Fixed member mtime, so the same samples give byte-identical tars. An int: with a float,
+# tarfile writes an extra pax header (1 KiB) before every member to keep the fraction.
+TAR_MTIME = 0
 
 LEDGER_SCHEMA = pa.schema([
     ("key", pa.string()), ("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
