@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from typing import Any
@@ -23,6 +24,12 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> str:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
-        return f"Ray cluster at {address}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
-    return "embedded local Ray"
+        where = f"Ray cluster at {address}"
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        where = "embedded local Ray"
+    # Registered after Ray's own exit hook, so it runs first: Ray's hook sleeps 0.5 s before
+    # disconnecting (for worker log lines still in flight), which every job would pay at exit;
+    # the stage's results are all in by then. Ray's hook then finds nothing left to do.
+    atexit.register(ray.shutdown)
+    return where
