@@ -167,6 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keep-alive like real image hosts; an idle kept-alive connection is closed after
     # `idle_timeout_s` (as servers do), which the client's stale-connection handling must survive.
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as nginx and CDNs set on kept-alive connections: otherwise the body's last
+    # small segment waits for the client's delayed ACK (~40 ms) behind the header segment.
+    disable_nagle_algorithm = True
     server: "_Server"
 
     def setup(self) -> None:
