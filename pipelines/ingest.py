@@ -25,7 +25,7 @@ from latentforge import reporting
 from latentforge.config import config_to_dict
 from latentforge.ingest.config import STATUSES, IngestConfig
 from latentforge.ingest.inputs import InputPlan, plan_input
-from latentforge.ingest.shards import process_shard
+from latentforge.ingest.shards import process_shard, warm_worker
 from latentforge.ingest.state import IngestState, open_state
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ class IngestResult:
     @property
     def images_per_s(self) -> float:
         return self.extra.get("ok_this_run", 0) / self.seconds if self.seconds > 0 else 0.0
+
+
+def _warm(config: dict[str, Any]) -> None:
+    # Runs in a Ray worker that the shard tasks then reuse (same job, same runtime env).
+    import ray.data  # noqa: F401  (what the map task itself imports)
+
+    warm_worker(IngestConfig(**config))
 
 
 def _process(row: dict[str, Any], config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +137,7 @@ def run(config: IngestConfig) -> IngestResult:
         run_.log_params(config_to_dict(config))
         try:
             if descriptors:
-                where = _init_ray(config)
+                where = _connect(config, len(descriptors))
                 signals.install()  # again: ray.init replaces SIGTERM with a handler that aborts
                 log.info("ingest: %d shard(s), %d row(s) to do on %s", len(descriptors), rows_todo, where)
                 bar = _progress(rows_todo, config.progress)
@@ -173,16 +180,37 @@ def _rate(counts: dict[str, int]) -> float:
     return counts.get("ok", 0) / counts["rows"] if counts.get("rows") else 0.0
 
 
-def _init_ray(config: IngestConfig) -> str:
+def _connect(config: IngestConfig, shards: int) -> str:
+    """Ray up, the shard workers warming, Ray Data configured; says where the job runs."""
     from pipelines.runtime import init_ray
 
     where = init_ray(num_cpus=config.num_cpus, log_to_driver=True)
+    _start_warming(config, shards)  # before the driver's own Ray Data import: they overlap
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts rows; Ray's would count shard blocks
     ctx.print_on_execution_start = False
     return where
+
+
+def _start_warming(config: IngestConfig, shards: int) -> list[Any]:
+    """One warm-up task per shard slot free now, so the first shards do not start cold.
+
+    A fresh worker's first shard would spend seconds importing Ray Data, webdataset (torch)
+    and the resizer first. These tasks take Ray's prestarted workers and do those imports
+    while the driver does its own; holding the shard tasks' CPUs meanwhile, they make the
+    shard tasks wait for (and reuse) the warmed processes rather than start new ones. The
+    run drops the returned refs: Ray still runs a submitted task, and one that fails logs
+    its error (the shard tasks would then fail with the same one).
+    """
+    import ray
+
+    slots = int(ray.available_resources().get("CPU", 0) // config.cpus_per_task)
+    if config.max_concurrent_shards:
+        slots = min(slots, config.max_concurrent_shards)
+    task = ray.remote(_warm).options(num_cpus=config.cpus_per_task, max_retries=0)
+    return [task.remote(config_to_dict(config)) for _ in range(min(slots, shards))]
 
 
 def _execute(descriptors: list[dict[str, Any]], config: IngestConfig, plan: InputPlan) -> Iterator[dict[str, Any]]:

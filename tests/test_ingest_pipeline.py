@@ -99,6 +99,19 @@ def _slow_input(tmp_path: Path, server, rows: int, delay: float) -> Path:
                                                   "n": i} for i in range(rows)])
 
 
+def test_warm_up_tasks_run_on_ray_workers_and_are_bounded(ray_session, tmp_path) -> None:
+    import ray
+
+    from pipelines import ingest
+
+    config = IngestConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), mlflow=False,
+                          progress=False, max_concurrent_shards=1)
+    assert ingest._start_warming(config, shards=0) == []
+    refs = ingest._start_warming(config, shards=3)
+    assert len(refs) == 1  # never more than the shards that can run at once
+    assert ray.get(refs, timeout=120) == [None]  # imported and built the shard parts without error
+
+
 def _slow_job_args(src: Path, out: Path) -> list[str]:
     """The interrupted-run tests' command line: 4-sample shards, 2 threads, so a run takes a while."""
     return ["--input", str(src), "--output", str(out), "--samples-per-shard", "4", "--allow-private-network",

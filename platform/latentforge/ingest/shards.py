@@ -86,6 +86,14 @@ def worker_parts(config: IngestConfig) -> tuple[Fetcher, ImageProcessor]:
         return parts
 
 
+def warm_worker(config: IngestConfig) -> None:
+    """Pay a shard task's one-off costs now: webdataset (which pulls in torch), the resizer's
+    cv2/albumentations and this process's fetcher. A worker that ran this starts shards at once."""
+    import webdataset  # noqa: F401
+
+    worker_parts(config)
+
+
 def shard_rows(descriptor: dict[str, Any], plan: InputPlan) -> Iterator[RowTask]:
     if descriptor["kind"] == "range":
         for j, (row, record) in enumerate(read_rows(plan, descriptor["start"], descriptor["end"])):
