@@ -209,7 +209,8 @@ def _start_warming(config: IngestConfig, shards: int) -> list[Any]:
     slots = int(ray.available_resources().get("CPU", 0) // config.cpus_per_task)
     if config.max_concurrent_shards:
         slots = min(slots, config.max_concurrent_shards)
-    task, payload = ray.remote(_warm).options(num_cpus=config.cpus_per_task, max_retries=0), config_to_dict(config)
+    task = ray.remote(_warm).options(num_cpus=config.cpus_per_task, max_retries=0)
+    payload = config_to_dict(config)
     return [task.remote(payload) for _ in range(min(slots, shards))]
 
 

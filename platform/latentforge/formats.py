@@ -26,7 +26,9 @@ MAX_SAMPLES_PER_SHARD = 10 ** INDEX_DIGITS
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 LATENT_FIELDS = ("latent.npy", "text.npy", "pooled.npy", "txt", "json")
 
-STORAGE_DTYPES = ("fp32", "fp16", "bf16")
+# Storage dtype name -> torch attribute name (torch itself is imported only where tensors are used).
+TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+STORAGE_DTYPES = tuple(TORCH_DTYPE_NAMES)
 
 
 def shard_name(shard: int) -> str:
@@ -56,7 +58,7 @@ def torch_dtype(name: str) -> "torch.dtype":
 
     if name not in STORAGE_DTYPES:
         raise KeyError(f"unknown dtype {name!r}; expected one of {', '.join(STORAGE_DTYPES)}")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return getattr(torch, TORCH_DTYPE_NAMES[name])
 
 
 def tensor_to_storage(tensor: "torch.Tensor", dtype: str) -> np.ndarray:
