@@ -125,6 +125,10 @@ def test_outputs_png_metadata_grid_and_index(kl_model, tmp_path) -> None:
     assert grid.shape == (32 + 4, 64 + 6, 3)
     assert np.array_equal(grid[2:34, 2:34], arrays[0]) and np.array_equal(grid[2:34, 36:68], arrays[1])
     assert contact_sheet(arrays * 3).shape[:2] == (2 * 32 + 6, 3 * 32 + 8)
-    # Deterministic: the same request gives the same bytes.
-    again = generate_to_dir(sampler, requests[:1], params, str(tmp_path / "again"))
-    assert again[0]["sha256"] == rows[0]["sha256"]
+    # The promise (docs/architecture.md, "Reproducibility"): the same batch on the same machine gives the same bytes; the
+    # same request in another batch composition gives the same image within one uint8 level.
+    same_batch = generate_to_dir(sampler, requests, params, str(tmp_path / "same_batch"), batch_size=2)
+    assert [r["sha256"] for r in same_batch] == [r["sha256"] for r in rows]
+    alone = generate_to_dir(sampler, requests[:1], params, str(tmp_path / "alone"), batch_size=1)
+    alone_pixels = np.asarray(Image.open(tmp_path / "alone" / alone[0]["file"])).astype(int)
+    assert np.abs(alone_pixels - arrays[0].astype(int)).max() <= 1

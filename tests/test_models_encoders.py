@@ -34,9 +34,9 @@ def test_autoencoder_kl_equals_diffusers(tiny_models) -> None:
     x = _pixels()
     with torch.no_grad():
         dist = direct.encode(x).latent_dist
-    torch.testing.assert_close(vae.encode(x), (dist.mean - 0.1) * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(vae.encode(x), (dist.mean - 0.1) * 0.5)
     mean, std = vae.encode_posterior(x)
-    torch.testing.assert_close(std, dist.std, rtol=0, atol=0)
+    torch.testing.assert_close(std, dist.std)
     # sample: mean + std * eps from the generator, scaled once
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     eps = torch.randn(mean.shape, generator=g2)
@@ -56,7 +56,7 @@ def test_autoencoder_tiny_equals_diffusers(tiny_models) -> None:
     x = _pixels(1)
     with torch.no_grad():
         expected = direct.encode(x).latents * direct.config.scaling_factor
-    torch.testing.assert_close(vae.encode(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(vae.encode(x), expected)
     assert vae.decode(vae.encode(x)).shape == x.shape
 
 
@@ -113,7 +113,8 @@ def test_text_states_equal_open_clip_forward(tiny_models, layer: str) -> None:
     assert lengths[1] == 2 and lengths[2] == 77
     for i, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(states[i, :n], expected[i, :n])
-    torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=0)
+    # A fused kernel path vs a direct forward: equal to float32 rounding, not bit-equal (CPUs differ).
+    torch.testing.assert_close(pooled, expected_pooled)
     assert encoder.describe() == {"name": TINY_CLIP_NAME, "weights": tiny_models["clip"], "layer": layer,
                                   "context_length": 77, "width": 32, "pooled_dim": 32}
     again = load_text_encoder_from_manifest({"models": {"text_encoder": encoder.describe()}})
