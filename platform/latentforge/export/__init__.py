@@ -1,0 +1,1 @@
+"""Models that leave the platform: diffusers folders, single-file LDM checkpoints, MLflow models."""
