@@ -112,9 +112,40 @@ def test_image_tags_and_versions_agree() -> None:
     assert args["TORCH_INDEX_URL"].endswith("cu" + cuda.replace(".", ""))
     ray_versions = {spec["rayVersion"] for _, spec in _ray_clusters()}
     assert ray_versions == {args["RAY_VERSION"]}
-    ray_dep = next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("ray["))
-    floor = re.search(r">=\s*([\d.]+)", ray_dep).group(1)
-    assert tuple(map(int, args["RAY_VERSION"].split("."))) >= tuple(map(int, floor.split(".")))
+    assert _version(args["RAY_VERSION"]) >= _floor(_ray_requirement())
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def _floor(requirement: str) -> tuple[int, ...]:
+    return _version(re.search(r">=\s*([\d.]+)", requirement).group(1))
+
+
+def _ray_requirement() -> str:
+    return next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("ray["))
+
+
+# Standard-library modules newer than every supported Python, with the release that added them.
+STDLIB_SINCE = {"tomllib": (3, 11), "zoneinfo": (3, 9), "graphlib": (3, 9)}
+# Ray features the project relies on, with the release that introduced them (Ray's docs).
+RAY_FEATURES_SINCE = {"token authentication (RAY_AUTH_MODE=token, ray get-auth-token)": (2, 52),
+                      "Ray Train V2 as the default TorchTrainer": (2, 51)}
+
+
+def test_declared_floors_cover_what_is_relied_on() -> None:
+    project = _pyproject()["project"]
+    python_floor = _floor(project["requires-python"])
+    for folder in ("platform", "pipelines", "jobs", "tests", "benchmarks"):
+        for path in (REPO / folder).rglob("*.py"):
+            imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", path.read_text(), re.M))
+            for module in imported & STDLIB_SINCE.keys():
+                assert python_floor >= STDLIB_SINCE[module], \
+                    f"{path.relative_to(REPO)} imports {module} but requires-python is {project['requires-python']}"
+    ray_floor = _floor(_ray_requirement())
+    for feature, since in RAY_FEATURES_SINCE.items():
+        assert ray_floor >= since, f"{_ray_requirement()} admits a Ray without {feature} (Ray {since})"
 
 
 def test_entrypoints_exist_and_use_the_shared_volume() -> None:
