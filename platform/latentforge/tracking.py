@@ -2,8 +2,9 @@
 
 Defaults: `MLFLOW_TRACKING_URI` when set (the team's server), otherwise a local sqlite store
 under `./mlruns` that `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` opens. A
-tracking outage must never stop a stage: every call goes through `_safe`, which warns once
-per failure kind and carries on.
+tracking outage must never stop a stage: every call goes through `_safe`, which warns and
+carries on; metrics logged in the background count what an outage drops. A stage config that
+inherits `TrackingOptions` gets `--no-mlflow`, with which the stage makes no MLflow call at all.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +24,14 @@ LOCAL_STORE_DIR = "mlruns"
 PIPELINE_RUN_ENV = "LATENTFORGE_PIPELINE_RUN_ID"
 EXPERIMENT_ENV = "LATENTFORGE_EXPERIMENT"
 DEFAULT_EXPERIMENT = "latentforge"
+
+
+@dataclass
+class TrackingOptions:
+    """Base of every stage config: whether the stage tracks itself in MLflow."""
+
+    mlflow: bool = True
+    """Track this stage in MLflow (MLFLOW_TRACKING_URI, else ./mlruns); --no-mlflow: no MLflow call at all."""
 
 
 def tracking_uri() -> str:
@@ -76,7 +86,7 @@ class StageRun:
         self.enabled = enabled
         self.stage = stage
         self.run_name = run_name
-        self.run_id = run_id
+        self.run_id = run_id if enabled else None  # a disabled run names no run, even on resume
         self.experiment = experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
         self.tags = {"latentforge.stage": stage, **(tags or {})}
         self.client: Any = None
@@ -215,9 +225,10 @@ class PipelineRun:
     `runtime_env`) becomes its child run and the UI shows the stages nested under it.
     """
 
-    def __init__(self, name: str, experiment: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+    def __init__(self, name: str, experiment: str | None = None, tags: Mapping[str, str] | None = None,
+                 enabled: bool = True) -> None:
         self.stage_run = StageRun("pipeline", run_name=name, experiment=experiment,
-                                  tags={"latentforge.pipeline": name, **(tags or {})})
+                                  tags={"latentforge.pipeline": name, **(tags or {})}, enabled=enabled)
         self._previous: str | None = None
 
     @property
@@ -286,14 +297,20 @@ class AsyncMetricLogger:
     """Batches metrics on a background thread so a training step never waits for MLflow.
 
     A synchronous `log_metric` to a server costs ~100 ms; here `log` only enqueues, and the
-    thread flushes every `interval_s`. If the server is down the batch is dropped with a
-    warning (and counted in `dropped`) rather than growing without bound.
+    thread flushes every `interval_s`. A batch the server does not take (an outage, after the
+    client's own retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES) is dropped, not re-queued, so the
+    memory stays bounded: its values count in `dropped`, and a warning says so when the outage
+    starts and again when the server answers. A full queue drops (and counts) the same way.
     """
 
     def __init__(self, run: StageRun, interval_s: float = 2.0, max_queue: int = 100_000) -> None:
         self.run = run
         self.interval_s = interval_s
         self.dropped = 0
+        self._in_outage = False
+        self._abandoned = False
+        self._in_flight = 0
+        self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[dict[str, float], int]] = queue.Queue(max_queue)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
@@ -303,26 +320,68 @@ class AsyncMetricLogger:
         try:
             self._queue.put_nowait((dict(metrics), step))
         except queue.Full:
-            self.dropped += len(metrics)
+            self._count_dropped(len(metrics))
+
+    def _count_dropped(self, values: int) -> None:
+        with self._lock:
+            if not self._abandoned:
+                self.dropped += values
+
+    def _pop(self, max_values: float) -> list[tuple[dict[str, float], int]]:
+        popped: list[tuple[dict[str, float], int]] = []
+        values = 0
+        while values < max_values:
+            try:
+                popped.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+            values += len(popped[-1][0])
+        return popped
 
     def _drain(self) -> None:
         from mlflow.entities import Metric
 
-        items: list[Any] = []
-        while not self._queue.empty() and len(items) < 900:  # MLflow caps a batch at 1000 metrics
-            metrics, step = self._queue.get_nowait()
-            now = int(time.time() * 1000)
-            items.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        if items and self.run.active:
-            _safe("log_batch", self.run.client.log_batch, self.run.run_id, metrics=items)
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step)
+                 for metrics, step in self._pop(900) for k, v in metrics.items()]  # MLflow: <= 1000 per batch
+        if not items:
+            return
+        self._in_flight = len(items)
+        try:
+            self._send(items)
+        finally:
+            self._in_flight = 0
+
+    def _send(self, items: list[Any]) -> None:
+        try:
+            if not self.run.active:
+                raise RuntimeError("the run could not be started or reattached")
+            self.run.client.log_batch(self.run.run_id, metrics=items)
+        except Exception as exc:  # noqa: BLE001 - an outage must never stop the stage
+            self._count_dropped(len(items))
+            if not self._in_outage:
+                log.warning("MLflow did not take %d metric values (%s: %s); dropping metric batches until it "
+                            "answers again", len(items), type(exc).__name__, exc)
+            self._in_outage = True
+            return
+        if self._in_outage:
+            log.warning("MLflow answers again; %d metric values were dropped so far", self.dropped)
+        self._in_outage = False
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._drain()
-
-    def close(self) -> None:
-        """Flush what is queued and stop the thread."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-        while not self._queue.empty():
+        while not self._queue.empty():  # the final flush, here so that close() can bound its wait
             self._drain()
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Flush what is queued and stop the thread; after `timeout_s` what is left counts as dropped."""
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+        if not self._thread.is_alive():
+            return
+        with self._lock:  # still inside an unreachable server's retries: give up on the rest
+            left = self._in_flight + sum(len(metrics) for metrics, _ in self._pop(float("inf")))
+            self.dropped += left
+            self._abandoned = True
+        log.warning("MLflow: %d metric values still unsent after %.0f s are dropped", left, timeout_s)
