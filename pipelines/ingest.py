@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from latentforge import reporting
 from latentforge.config import config_to_dict
 from latentforge.ingest.config import STATUSES, IngestConfig
-from latentforge.ingest.inputs import InputPlan, plan_input
+from latentforge.ingest.inputs import InputPlan, discard_index, input_plan
 from latentforge.ingest.shards import process_shard, warm_worker
 from latentforge.ingest.state import IngestState, open_state
 
@@ -122,7 +122,7 @@ def run(config: IngestConfig) -> IngestResult:
 
     config.check_paths()
     started = time.monotonic()
-    plan = plan_input(config.input, config.url_col, config.caption_col, config.hash_col, config.input_format)
+    plan = input_plan(config)
     state = open_state(config, plan)
     descriptors = state.pending_base()
     if config.retry_reasons:
@@ -156,6 +156,7 @@ def run(config: IngestConfig) -> IngestResult:
         except Interrupted as exc:
             interrupted = exc
         digest = state.save()
+        discard_index(config.output)  # the next run indexes its input afresh
         seconds = time.monotonic() - started
         counts = state.manifest.counts
         result = IngestResult(output=config.output, counts=counts, shards_done=shards_this_run,

@@ -179,3 +179,4 @@ def test_ray_job_submit(ray_head, tmp_path, http_server) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "LatentForge ingest" in done.stdout
     assert keys_in(out) == sorted(f"{i // 10:05d}{i % 10:04d}" for i in range(30))
+    assert not (out / "_input_index").exists(), "the run left its copy of the csv behind"

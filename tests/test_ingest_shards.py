@@ -10,7 +10,7 @@ import pytest
 
 from latentforge import manifest as mf
 from latentforge.ingest.config import IngestConfig
-from latentforge.ingest.inputs import plan_input
+from latentforge.ingest.inputs import input_plan
 from latentforge.ingest.shards import process_shard
 from latentforge.ingest.state import open_state
 from tests.harness.http_server import make_image, realistic_jpeg_pool
@@ -27,7 +27,7 @@ def config_for(tmp_path, **overrides) -> IngestConfig:
 
 def run_local(config: IngestConfig) -> dict:
     """The driver's loop without Ray: what pipelines.ingest does, shard by shard."""
-    plan = plan_input(config.input, config.url_col, config.caption_col, config.hash_col)
+    plan = input_plan(config)
     state = open_state(config, plan)
     todo = state.pending_base() + (state.retry_descriptors(config.retry_reasons) if config.retry_reasons else [])
     for descriptor in todo:
@@ -186,7 +186,7 @@ def test_exception_mid_shard_leaves_no_visible_file(tmp_path, ten_rows, monkeypa
     from latentforge.ingest import shards
 
     config = config_for(tmp_path)
-    plan = plan_input(config.input, "url", "caption")
+    plan = input_plan(config)
     open_state(config, plan)
 
     def boom(*a, **k):

@@ -1,7 +1,9 @@
-"""Small URL lists for tests: rows pointing at a loopback server, written in every input format."""
+"""Small URL lists for tests: rows pointing at a loopback server, written in every input format;
+a local filesystem that counts the bytes read through it."""
 
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
 import io
@@ -9,8 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
 
@@ -68,3 +72,38 @@ def laion_rows(laion_parquet: str | Path, server: Any, count: int) -> list[dict[
         row["ORIGINAL_URL"] = row.get("URL")
         row["URL"] = server.pool_url(i)
     return rows
+
+
+class CountingFileSystem(LocalFileSystem):
+    """Local files under `counting://`, counting the bytes read through it per path (all instances)."""
+
+    protocol = ("counting",)
+    bytes_read: collections.Counter = collections.Counter()
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        handle = super()._open(path, mode, **kwargs)
+        return io.BufferedReader(_CountedReads(handle, self._strip_protocol(path))) if "r" in mode else handle
+
+
+class _CountedReads(io.RawIOBase):
+    def __init__(self, handle: Any, path: str) -> None:
+        self._handle, self._path = handle, path
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._handle.read(len(buffer))
+        buffer[: len(data)] = data
+        CountingFileSystem.bytes_read[self._path] += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
+
+
+def counting_uri(path: str | Path) -> str:
+    """`path` as a `counting://` URI (registering the protocol); reads show in `CountingFileSystem`."""
+    fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
+    return f"counting://{Path(path).resolve()}"
