@@ -74,11 +74,36 @@ def check_data(config: TrainConfig, manifest: Manifest) -> dict[str, Any]:
     return unet_config
 
 
-def _node_addresses() -> list[str]:
+def _worker_nodes() -> list[dict[str, Any]]:
+    """Alive Ray nodes that can host a training worker (a CPU or a GPU)."""
     import ray
 
-    return [n["NodeManagerAddress"] for n in ray.nodes()
+    return [n for n in ray.nodes()
             if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
+
+
+def _node_addresses() -> list[str]:
+    return [n["NodeManagerAddress"] for n in _worker_nodes()]
+
+
+def _storage_seen_by_nodes(path: str) -> dict[str, bool]:
+    """Node address -> whether that node sees a marker file the driver writes under local `path`."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    os.makedirs(path, exist_ok=True)
+    marker = os.path.join(path, f".latentforge-shared-check-{uuid.uuid4().hex}")
+    open(marker, "w").close()
+    try:
+        # num_cpus=0: the check must run even where training workers already hold every CPU.
+        probe = ray.remote(num_cpus=0)(os.path.exists)
+        refs = {n["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(marker) for n in _worker_nodes()}
+        return dict(zip(refs, ray.get(list(refs.values()), timeout=120)))
+    finally:
+        os.remove(marker)
 
 
 def _absolute_storage(path: str) -> str:
@@ -108,6 +133,7 @@ def run(config: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.process_group import NodeInterfaceTorchConfig
     from pipelines.runtime import init_ray
 
     if not config.data:
@@ -131,6 +157,9 @@ def run(config: TrainConfig) -> TrainResult:
     where = init_ray()
     nodes = _node_addresses()
     runs.check_storage(config.storage_path, nodes, config.storage_is_shared)
+    if config.storage_is_shared and runs.is_local_path(config.storage_path) and len(set(nodes)) > 1:
+        runs.check_storage_seen(config.storage_path, _storage_seen_by_nodes(config.storage_path),
+                                ray.util.get_node_ip_address())
     if len(set(nodes)) > 1 and tracking_uri().startswith("sqlite:"):
         log.warning("MLflow logs to a local sqlite file (%s) but the cluster spans several machines: rank 0 may "
                     "run elsewhere and log to its own file. Set MLFLOW_TRACKING_URI to a tracking server.",
@@ -170,6 +199,7 @@ def run(config: TrainConfig) -> TrainResult:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=loop_config,
+            torch_config=NodeInterfaceTorchConfig(),  # gloo/NCCL on each node's Ray address, not loopback
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                          resources_per_worker={"CPU": config.cpus_per_worker},
                                          placement_strategy=config.placement_strategy),
