@@ -13,7 +13,7 @@ from PIL import Image
 
 from latentforge.ingest.config import IngestConfig
 from latentforge.ingest.images import ImageProcessor, jpeg_is_complete, jpeg_scale
-from tests.harness.http_server import jpeg_bytes, make_image
+from tests.harness.http_server import bomb_png, jpeg_bytes, make_image
 
 
 def processor(**overrides) -> ImageProcessor:
@@ -85,6 +85,25 @@ def test_bomb_limit_is_configurable() -> None:
     big = make_image("jpeg", 400, 300)
     assert processor(max_image_pixels=100_000).process(big).status == "bomb"
     assert processor(max_image_pixels=200_000).process(big).status == "ok"
+
+
+def test_a_raised_bomb_limit_admits_images_above_pillows_default(monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    # 9,500 x 9,500 = 90.25 M pixels, just above Pillow's default (89.5 M). With PNG off the allow-list
+    # the verdict comes from the header alone: past both bomb checks it is `not_image`, never decoded.
+    big = bomb_png(9_500, 9_500)
+    assert processor(allowed_formats=["JPEG"]).process(big).status == "bomb"
+    assert processor(max_image_pixels=100_000_000, allowed_formats=["JPEG"]).process(big).status == "not_image"
+    assert processor(max_image_pixels=10).process(make_image("jpeg")).status == "bomb"
+    assert Image.MAX_IMAGE_PIXELS == 100_000_000  # a lower limit elsewhere does not lower Pillow's
+
+
+@pytest.mark.parametrize("size", [(320, 240), (400, 300)])  # Pillow's warning and error ranges
+def test_a_raised_bomb_limit_admits_and_processes_images(monkeypatch, size) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # Pillow's default, scaled down to decode fast
+    data = make_image("jpeg", *size)
+    assert processor(max_image_pixels=60_000).process(data).status == "bomb"
+    assert processor(max_image_pixels=200_000).process(data).status == "ok"
 
 
 def test_format_allow_list() -> None:

@@ -3,7 +3,8 @@
 Order matters for safety and speed:
 1. sniff the format from the bytes (Pillow reads only the header) and refuse what is not on
    the allow-list (HTML, SVG, empty bodies never reach a decoder);
-2. refuse decompression bombs from the header dimensions, before any pixel is decoded;
+2. refuse decompression bombs from the header dimensions, before any pixel is decoded
+   (`max_image_pixels`, either side of Pillow's own default limit: see `admit_in_pillow`);
 3. the common case, a complete RGB JPEG without an EXIF rotation, goes straight to the
    resizer (one decode, exactly what img2dataset does) -- unless it is at least twice the
    target size: then libjpeg decodes it at 1/2, 1/4 or 1/8 scale (the DCT-domain reduction,
@@ -18,9 +19,11 @@ The output is always a 3-channel RGB image encoded as jpg/png/webp.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -126,14 +129,50 @@ def standard_streams_kept() -> Iterator[None]:
             os.close(fd)
 
 
+def _resizer_class() -> type:
+    """img2dataset's `Resizer`, loaded without running `img2dataset/__init__.py`.
+
+    That __init__ imports the downloader, whose logger imports wandb, and wandb makes two temp
+    dirs at import (tmp*wandb-media, tmp*wandb-artifacts) that only a clean interpreter exit
+    removes; Ray workers never exit cleanly, so each one left them behind. resizer.py itself
+    imports no other img2dataset module. It is registered under its own name, so a later import
+    of img2dataset (and its downloader) gets this very module.
+    """
+    name = "img2dataset.resizer"
+    if name not in sys.modules:
+        package = importlib.util.find_spec("img2dataset")  # locates the package without importing it
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("img2dataset is not installed")
+        path = os.path.join(list(package.submodule_search_locations)[0], "resizer.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[name].Resizer
+
+
+def admit_in_pillow(max_pixels: int) -> None:
+    """Raise Pillow's process-wide bomb limit to `max_pixels` when that is higher; never lower it.
+
+    `Image.open` refuses images above `Image.MAX_IMAGE_PIXELS` (~89 M pixels by default: a
+    warning, which `process` treats as an error, and an error from twice that) before our own
+    header check runs, so without this a raised `max_image_pixels` would still refuse what
+    Pillow's default refuses. Each processor's own check enforces its limit; Pillow's only has
+    to admit the largest one in the process.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 class ImageProcessor:
     """Thread-safe; one per worker (the resizer holds only settings)."""
 
     def __init__(self, config: Any) -> None:
-        from img2dataset.resizer import Resizer  # heavy import (cv2, albumentations): only in workers
+        Resizer = _resizer_class()  # heavy import (cv2, albumentations): only in workers
 
         self.allowed = {f.upper() for f in config.allowed_formats}
         self.max_pixels = int(config.max_image_pixels)
+        admit_in_pillow(self.max_pixels)
         self.resizer = Resizer(
             image_size=config.image_size,
             resize_mode=config.resize_mode,
