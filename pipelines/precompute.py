@@ -29,18 +29,14 @@ from latentforge import storage
 from latentforge.config import ConfigError, config_to_dict
 from latentforge.manifest import ManifestError
 from latentforge.precompute.config import PrecomputeConfig
-from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample
+from latentforge.precompute.preprocess import IngestSample, preprocess_sample
+from latentforge.precompute.shard_input import ShardRead, read_shard
 from latentforge.precompute.stage import build_manifest, check_models, plan_run, save, write_empty_caption
-from latentforge.precompute.writer import ShardWriter
+from latentforge.precompute.writer import PAD, TRAILER, ShardSink
 from latentforge.reporting import format_rate, summary_table
 from latentforge.tracking import StageRun
 
 log = logging.getLogger("latentforge.precompute")
-
-TRAILER = "_end"
-PAD = "_pad"
-CORRUPT = "corrupt_shard_tail"
-
 
 class Terminated(Exception):
     """SIGTERM arrived (ray job stop, a scheduler); the job exits 143."""
@@ -50,44 +46,47 @@ class Terminated(Exception):
 # Graph stages (run on Ray workers)
 # ---------------------------------------------------------------------------------------------
 
-def read_shards(batch: dict[str, np.ndarray], *, input_dir: str, resolution: int, resize_filter: str, crop: str,
-                seed: int, keep_empty_captions: bool, rows_per_block: int,
-                batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def read_shards(batch: dict[str, np.ndarray], *, input_dir: str, preprocess: dict[str, Any], rows_per_block: int,
+                batch_size: int, retries: int, backoff_s: float) -> Iterator[dict[str, np.ndarray]]:
     """For each shard in the batch: stream its samples, preprocess, yield blocks, then a trailer row.
 
     Blocks hold a multiple of `batch_size` rows and each shard's last block is padded to one, so
     every encoder batch is rows [k*B, (k+1)*B) of one shard, whatever ran before it or failed.
     Batch composition changes float results in the last bits, so this is what makes a resumed
-    or retried run byte-identical to an uninterrupted one.
+    or retried run byte-identical to an uninterrupted one. The trailer carries the rows read and,
+    in its meta, why the input tar could not be read completely ("" when it was).
     """
-    blank = np.zeros((resolution, resolution, 3), dtype=np.uint8)
+    blank = np.zeros((preprocess["resolution"],) * 2 + (3,), dtype=np.uint8)
     rows_per_block = batch_size * max(1, rows_per_block // batch_size)
-    for shard in batch["shard"]:
+    for shard, sha256 in zip(batch["shard"], batch["sha256"]):
         shard = str(shard)
-        rows: list[tuple[str, str, str, str, str, np.ndarray, int]] = []
+        read = ShardRead(storage.join(input_dir, f"{shard}.tar"), str(sha256))
+        rows: list[tuple] = []
         count = 0
-        seen: set[str] = set()
-        try:
-            for sample in iter_ingest_shard(storage.join(input_dir, f"{shard}.tar")):
-                if sample.key in seen:  # a duplicated key in a tar: keep the first
-                    continue
-                seen.add(sample.key)
-                status, image, record = preprocess_sample(sample, resolution, resize_filter, crop, seed,
-                                                          keep_empty_captions)
-                rows.append((shard, sample.key, status, record["caption"],
-                             json.dumps(record, ensure_ascii=False), image if image is not None else blank, -1))
-                count += 1
-                if len(rows) >= rows_per_block:
-                    yield _rows_to_batch(rows)
-                    rows = []
-        except Exception as exc:  # noqa: BLE001 - a truncated/corrupt tar: keep what was read, count the rest
-            logging.getLogger(__name__).warning("shard %s: stopped reading (%s: %s)", shard, type(exc).__name__, exc)
-            rows.append((shard, f"{shard}_corrupt", CORRUPT, "", "{}", blank, -1))
+        for row in _sample_rows(shard, read_shard(read, retries, backoff_s), preprocess, blank):
+            rows.append(row)
             count += 1
-        rows.append((shard, f"{shard}_end", TRAILER, "", "{}", blank, count))
+            if len(rows) >= rows_per_block:
+                yield _rows_to_batch(rows)
+                rows = []
+        if read.error:
+            logging.getLogger(__name__).warning("shard %s: input incomplete: %s", shard, read.error)
+        rows.append((shard, f"{shard}_end", TRAILER, "", json.dumps({"error": read.error}), blank, count))
         while len(rows) % batch_size:
             rows.append((shard, f"{shard}_pad", PAD, "", "{}", blank, -1))
         yield _rows_to_batch(rows)
+
+
+def _sample_rows(shard: str, samples: Iterator[IngestSample], preprocess: dict[str, Any],
+                 blank: np.ndarray) -> Iterator[tuple]:
+    seen: set[str] = set()
+    for sample in samples:
+        if sample.key in seen:  # a duplicated key in a tar: keep the first
+            continue
+        seen.add(sample.key)
+        status, image, record = preprocess_sample(sample, **preprocess)
+        yield (shard, sample.key, status, record["caption"], json.dumps(record, ensure_ascii=False),
+               image if image is not None else blank, -1)
 
 
 def _rows_to_batch(rows: list[tuple]) -> dict[str, np.ndarray]:
@@ -108,11 +107,8 @@ class EncoderActor:
         if num_threads and not torch.cuda.is_available():
             torch.set_num_threads(num_threads)
         self.encoder = PrecomputeEncoder(config)
-        self.slow_s = config.slow_encode_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.slow_s:
-            time.sleep(self.slow_s)
         return self.encoder.encode_batch(batch)
 
 
@@ -171,7 +167,7 @@ def run(config: PrecomputeConfig) -> int:
         return 2
     run_name = config.run_name or f"precompute-{config.output.rstrip('/').rsplit('/', 1)[-1]}"
     try:
-        with StageRun("precompute", run_name=run_name) as tracking:
+        with StageRun("precompute", run_name=run_name, enabled=config.mlflow) as tracking:
             tracking.log_params(config_to_dict(config))
             tracking.log_manifest(config.input, plan.input_digest, "input")
             return _run(config, plan, tracking)
@@ -181,7 +177,7 @@ def run(config: PrecomputeConfig) -> int:
     except Terminated:
         print("precompute: terminated; finished shards are kept, rerun to resume", file=sys.stderr)
         return 143
-    except ManifestError as exc:
+    except (ManifestError, ConfigError) as exc:  # e.g. a model path missing where the job runs
         print(f"precompute: {exc}", file=sys.stderr)
         return 2
     except StageFailure as exc:
@@ -223,13 +219,10 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
     log.info("precompute: %d shard(s) done, %d to encode (%s)", len(plan.done), len(plan.pending), where)
 
     session_counts: Counter = Counter()
+    failed: dict[str, str] = {}
     if plan.pending:
-        session_counts = _encode(config, plan, records, publish, gpus)
-
-    missing = [s.name for s in plan.input_manifest.shards[: config.max_shards or None] if s.name not in records]
-    if missing:
-        publish()
-        raise StageFailure(f"{len(missing)} shard(s) did not finish: {missing[:5]}")
+        session_counts = _encode(config, plan, records, publish, gpus, failed=failed)
+    _require_all_published(config, plan, records, failed, publish)
 
     fidelity = _one_process(_fidelity, gpus, config, sorted(records))
     digest = publish(fidelity)
@@ -244,6 +237,9 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
             ("samples read", manifest_counts.get("samples", 0)), ("samples stored", manifest_counts.get("ok", 0))]
     rows += [(f"skipped: {k[len('skipped_'):]}", v) for k, v in sorted(manifest_counts.items())
              if k.startswith("skipped_")]
+    if manifest_counts.get("partial_shards"):
+        rows.append(("PARTIAL shards", f"{manifest_counts['partial_shards']} published incomplete "
+                                       f"(--allow-partial-shards), {manifest_counts['lost_samples']} samples lost"))
     rows += [("this run", f"{session_counts['rows']:,} samples in {elapsed:,.1f} s, "
                           f"{format_rate(session_counts['rows'], elapsed, 'samples')}"),
              ("latent", f"{config.latent} {latent_shape} {config.dtype}"),
@@ -255,6 +251,19 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
         raise StageFailure(f"fidelity gate: max relative error {fidelity['max_rel_error']:.3e} > tolerance "
                            f"{fidelity['tolerance']:.3e} (worst: {fidelity.get('worst_key')})")
     return 0
+
+
+def _require_all_published(config: PrecomputeConfig, plan: Any, records: dict, failed: dict[str, str],
+                           publish: Any) -> None:
+    """Every planned shard is in the manifest, or the stage fails naming each missing one and why."""
+    missing = [s.name for s in plan.input_manifest.shards[: config.max_shards or None] if s.name not in records]
+    if not missing:
+        return
+    publish()
+    for name in missing:
+        print(f"precompute: shard {name} not published: {failed.get(name, 'did not finish')}", file=sys.stderr)
+    raise StageFailure(f"{len(missing)} shard(s) not published ({', '.join(missing[:5])}); the other shards are "
+                       "kept: repair the input and rerun to redo exactly these (or --allow-partial-shards)")
 
 
 def read_task_memory(config: PrecomputeConfig) -> int:
@@ -269,24 +278,26 @@ def _library_path() -> str:
     return str(latentforge.__file__).rsplit("/", 1)[0]
 
 
-def build_dataset(config: PrecomputeConfig, shard_names: list[str], gpus: float) -> Any:
-    """The Ray Data graph for `shard_names` (exposed for the benchmark)."""
+def build_dataset(config: PrecomputeConfig, shards: list[Any], gpus: float) -> Any:
+    """The Ray Data graph for the input shard records `shards` (exposed for the benchmark)."""
     import ray
 
-    items = [{"shard": name} for name in shard_names]
+    items = [{"shard": s.name, "sha256": s.sha256 or ""} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ctx = ds.context
     ctx.execution_options.preserve_order = True  # deterministic tars: rows keep input order
     ctx.enable_progress_bars = False
+    preprocess = {"resolution": config.resolution, "resize_filter": config.resize_filter, "crop": config.crop,
+                  "seed": config.seed, "keep_empty_captions": config.keep_empty_captions}
     ds = ds.map_batches(
         read_shards, batch_size=1, batch_format="numpy", num_cpus=1,
         # A memory reservation for the decode buffers. Remote args that differ from the actors'
         # also keep Ray Data from fusing decode into the encoder actors, so CPU decode/preprocess
         # overlaps with encoding instead of running inside the actor.
         memory=read_task_memory(config),
-        fn_kwargs={"input_dir": config.input, "resolution": config.resolution, "resize_filter": config.resize_filter,
-                   "crop": config.crop, "seed": config.seed, "keep_empty_captions": config.keep_empty_captions,
-                   "rows_per_block": config.read_batch_size, "batch_size": config.batch_size},
+        fn_kwargs={"input_dir": config.input, "preprocess": preprocess, "rows_per_block": config.read_batch_size,
+                   "batch_size": config.batch_size, "retries": config.read_retries,
+                   "backoff_s": config.read_backoff_s},
     )
     if gpus > 0:
         concurrency = config.concurrency or max(1, int(gpus // config.num_gpus_per_actor))
@@ -303,15 +314,17 @@ def build_dataset(config: PrecomputeConfig, shard_names: list[str], gpus: float)
 
 
 def _encode(config: PrecomputeConfig, plan: Any, records: dict, publish: Any, gpus: float,
-            on_rows: Any = None) -> Counter:
-    """Stream the graph's rows into per-shard writers; `on_rows(n)` is called per batch (benchmarks)."""
+            on_rows: Any = None, failed: dict[str, str] | None = None) -> Counter:
+    """Stream the graph's rows into per-shard writers; `on_rows(n)` is called per batch (benchmarks).
+
+    Shards whose input could not be read completely land in `failed` (name -> reason), unpublished
+    unless `allow_partial_shards`.
+    """
     from tqdm import tqdm
 
-    by_name = {s.name: s for s in plan.pending}
-    ds = build_dataset(config, list(by_name), gpus)
-    writers: dict[str, ShardWriter] = {}
-    keys: dict[str, set[str]] = {}
-    counts: Counter = Counter()
+    sink = ShardSink(config, {s.name: s for s in plan.pending}, records, publish,
+                     failed if failed is not None else {})
+    ds = build_dataset(config, plan.pending, gpus)
     bar = tqdm(total=plan.pending_rows, unit="img", desc="precompute", disable=not config.progress,
                mininterval=1.0 if sys.stderr.isatty() else 10.0, file=sys.stderr)
     try:
@@ -319,34 +332,8 @@ def _encode(config: PrecomputeConfig, plan: Any, records: dict, publish: Any, gp
             if on_rows is not None:
                 on_rows(len(batch["key"]))
             for i in range(len(batch["key"])):
-                shard = str(batch["shard"][i])
-                writer = writers.get(shard)
-                if writer is None:
-                    writer = writers[shard] = ShardWriter(config.output, shard, config.dtype,
-                                                          input_sha256=by_name[shard].sha256)
-                    keys[shard] = set()
-                status = str(batch["status"][i])
-                if status == TRAILER:
-                    writer.expected = int(batch["count"][i])
-                elif status == PAD:
-                    continue
-                else:
-                    key = str(batch["key"][i])
-                    if key in keys[shard]:
-                        continue  # a retried block delivered twice
-                    keys[shard].add(key)
-                    writer.add({name: batch[name][i] for name in batch})
-                    counts["rows"] += 1
-                    counts[status] += 1
-                    bar.update(1)
-                if writer.complete:
-                    records[shard] = writer.finish()
-                    del writers[shard], keys[shard]
-                    publish()
-                    log.info("shard %s: %d stored, skipped %s", shard, records[shard].samples,
-                             records[shard].stats["skipped"])
+                bar.update(sink.add({name: batch[name][i] for name in batch}))
     finally:
         bar.close()
-        for writer in writers.values():
-            writer.abort()
-    return counts
+        sink.abort()
+    return sink.counts

@@ -16,7 +16,7 @@ from latentforge import storage
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-STAGES = ("ingest", "precompute", "train", "generate", "evaluate")
+STAGES = ("ingest", "autoencoder", "precompute", "train", "export", "generate", "evaluate")
 
 
 class ManifestError(RuntimeError):
@@ -37,6 +37,9 @@ class ShardRecord:
     """Other files of this shard (file name -> sha256), e.g. the ingest ledger."""
     stats: dict[str, Any] = field(default_factory=dict)
     """Stage-specific per-shard numbers (status counts, latent mean/std, ...)."""
+    size: int | None = None
+    """Bytes of the main file, what a resume compares by default (one stat); None in manifests written
+    before sizes were recorded, whose shards a resume re-hashes instead."""
 
 
 @dataclass

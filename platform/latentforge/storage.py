@@ -99,6 +99,28 @@ def sha256_file(uri: str) -> str:
     return digest.hexdigest()
 
 
+def size(uri: str) -> int:
+    """Bytes of a file (one stat; FileNotFoundError when it is missing)."""
+    fs, path = filesystem(uri)
+    return int(fs.size(path))
+
+
+def matches_record(uri: str, sha256: str, size_bytes: int | None, rehash: bool) -> bool:
+    """Whether the file at `uri` is still the one a manifest recorded.
+
+    By default one stat: it exists and has the recorded size, so resuming over many finished
+    shards reads none of their bytes. `rehash` (or a record without a size) reads the file and
+    compares its sha256, which also catches a same-size corruption.
+    """
+    try:
+        actual = size(uri)
+    except FileNotFoundError:
+        return False
+    if rehash or size_bytes is None:
+        return sha256_file(uri) == sha256
+    return actual == size_bytes
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

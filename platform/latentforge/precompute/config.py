@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from latentforge.config import ConfigError
 from latentforge.models.vae import VAE_TYPES
+from latentforge.tracking import TrackingOptions
 
 # Settings that decide the bytes of the output: a rerun into the same output must use the same.
 ENCODER_SETTINGS = (
@@ -16,7 +17,7 @@ ENCODER_SETTINGS = (
 
 
 @dataclass
-class PrecomputeConfig:
+class PrecomputeConfig(TrackingOptions):
     """Encode ingest shards into VAE latents + CLIP text embeddings (one latent shard per input shard)."""
 
     input: str = ""
@@ -67,12 +68,21 @@ class PrecomputeConfig:
     """Largest allowed relative error of the fidelity check; 0 = by dtype (fp32 1e-3, fp16 1e-2, bf16 5e-2)."""
     max_shards: int = 0
     """Encode only the first N input shards (0 = all); handy for a trial run."""
+    read_retries: int = 3
+    """Extra attempts to read an input tar after a transient storage error (OSError / fsspec), from the start
+    of the tar, skipping the samples already read."""
+    read_backoff_s: float = 1.0
+    """Wait before the first read retry; doubled for each further one."""
+    allow_partial_shards: bool = False
+    """Publish a shard whose input tar could not be read completely (truncated, wrong sha256, read errors
+    after all retries) with what was read, its loss counted in the manifest; default: not published, exit 1."""
+    verify_finished: bool = False
+    """On resume, re-hash every finished output tar; default: trust a tar whose size matches its manifest
+    record (one stat, no bytes read)."""
     run_name: str | None = None
     """MLflow run name (default: precompute-<output dir name>)."""
     progress: bool = True
     """Show a progress bar."""
-    slow_encode_s: float = 0.0
-    """Sleep this long per encoder batch: fault-injection tests and benchmarks only."""
 
     def __post_init__(self) -> None:
         if self.vae_type not in VAE_TYPES:
@@ -86,6 +96,8 @@ class PrecomputeConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if self.concurrency < 0 or self.fidelity_samples < 0 or self.max_shards < 0:
             raise ConfigError("concurrency, fidelity_samples and max_shards must be >= 0")
+        if self.read_retries < 0 or self.read_backoff_s < 0:
+            raise ConfigError("read_retries and read_backoff_s must be >= 0")
         if self.fidelity_tolerance < 0:
             raise ConfigError("fidelity_tolerance must be >= 0")
         if self.num_gpus_per_actor <= 0 or self.num_cpus_per_actor <= 0:

@@ -18,7 +18,7 @@ import hashlib
 import io
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 import torch
@@ -84,7 +84,13 @@ def split_member(name: str) -> tuple[str, str]:
 def iter_ingest_shard(uri: str) -> Iterator[IngestSample]:
     """Stream the samples of one WebDataset tar (members grouped by key, in tar order)."""
     fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+    with fs.open(path, "rb") as handle:
+        yield from iter_tar_samples(handle)
+
+
+def iter_tar_samples(handle: IO[bytes]) -> Iterator[IngestSample]:
+    """The samples of a WebDataset tar read from an open binary stream, in tar order."""
+    with tarfile.open(fileobj=handle, mode="r|*") as tar:
         current: IngestSample | None = None
         for member in tar:
             if not member.isfile():

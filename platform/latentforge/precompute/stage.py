@@ -44,14 +44,18 @@ def plan_run(config: PrecomputeConfig) -> Plan:
         previous = read_manifest(config.output, stage="precompute")
         require_same(previous.config, config.encoder_settings(), ENCODER_SETTINGS, config.output)
         inputs = {s.name: s.sha256 for s in shards}
-        for record in previous.shards:
-            # A shard is kept only when its tar is still the one recorded and its input did not change.
-            tar = storage.join(config.output, f"{record.name}.tar")
-            if (inputs.get(record.name) == record.stats.get("input_sha256") and storage.exists(tar)
-                    and storage.sha256_file(tar) == record.sha256):
-                done[record.name] = record
+        done = {r.name: r for r in previous.shards if _still_done(config, r, inputs.get(r.name))}
     pending = [s for s in shards if s.name not in done]
     return Plan(input_manifest, digest, done, pending, previous)
+
+
+def _still_done(config: PrecomputeConfig, record: ShardRecord, input_sha256: str | None) -> bool:
+    """Keep a finished shard when its input is unchanged, it is not a partial publish (those are retried)
+    and its tar is still the one recorded: by size (a stat), or by sha256 with --verify-finished."""
+    if input_sha256 != record.stats.get("input_sha256") or record.stats.get("partial"):
+        return False
+    tar = storage.join(config.output, f"{record.name}.tar")
+    return storage.matches_record(tar, record.sha256, record.size, config.verify_finished)
 
 
 def check_models(previous: Manifest | None, models: dict[str, Any], out_dir: str) -> None:
@@ -74,6 +78,9 @@ def build_manifest(config: PrecomputeConfig, plan: Plan, records: dict[str, Shar
         counts["ok"] += record.samples
         for reason, n in record.stats.get("skipped", {}).items():
             counts[f"skipped_{reason}"] += int(n)
+        if record.stats.get("partial"):  # published with --allow-partial-shards
+            counts["partial_shards"] += 1
+            counts["lost_samples"] += int(record.stats["partial"]["lost_samples"])
     counts["skipped"] = counts["samples"] - counts["ok"]
     counts["shards"] = len(shards)
     return Manifest(
@@ -91,7 +98,7 @@ def build_manifest(config: PrecomputeConfig, plan: Plan, records: dict[str, Shar
             "preprocessing": preprocessing_record(config.resolution, config.resize_filter, config.crop, config.seed),
             "empty_caption": empty or {},
             "fidelity": fidelity or {},
-            "complete": len(shards) == len(plan.done) + len(plan.pending),
+            "complete": len(shards) == len(plan.done) + len(plan.pending) and not counts["partial_shards"],
         },
     )
 

@@ -7,16 +7,25 @@ a killed job produces the same file hashes as an uninterrupted run.
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
 from latentforge import formats, storage
 from latentforge.manifest import ShardRecord
+from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.preprocess import STATUS_OK, split_member
+
+log = logging.getLogger("latentforge.precompute")
+
+TRAILER = "_end"
+"""Status of the row that ends a shard: its `count` is the rows read, its meta the read error ("" = none)."""
+PAD = "_pad"
+"""Status of the rows that pad a shard's last block to a whole encoder batch."""
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -48,8 +57,12 @@ class ShardWriter:
     name: str
     dtype: str
     input_sha256: str = ""
+    input_samples: int = 0
+    """Samples the ingest manifest lists for the input shard."""
     expected: int | None = None
     """Rows the reader found in the input shard (known once its trailer row arrives)."""
+    error: str = ""
+    """Why the input shard could not be read completely ("" = it was); set from the trailer row."""
     seen: int = 0
     ok: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -119,7 +132,11 @@ class ShardWriter:
         var = max(self._sumsq / self._count - mean * mean, 0.0) if self._count else 0.0
         stats = {"input_sha256": self.input_sha256, "rows": self.seen, "ok": self.ok,
                  "skipped": dict(sorted(self.skipped.items())), "latent_mean": mean, "latent_std": var ** 0.5}
-        return ShardRecord(name=self.name, samples=self.ok, sha256=storage.sha256_file(self.uri), stats=stats)
+        if self.error:
+            stats["partial"] = {"reason": self.error,
+                                "lost_samples": max(self.input_samples - self.seen, 0)}
+        return ShardRecord(name=self.name, samples=self.ok, sha256=storage.sha256_file(self.uri), stats=stats,
+                           size=storage.size(self.uri))
 
     def abort(self) -> None:
         if self._tar is not None:
@@ -129,6 +146,68 @@ class ShardWriter:
                 self._fs.rm(self._tmp)
             except Exception:  # noqa: BLE001 - best effort; stale temps are ignored and removed later
                 pass
+
+    def discard(self) -> None:
+        """Abort, and remove a final tar an earlier run left: an unpublished shard has no file."""
+        self.abort()
+        fs, path = storage.filesystem(self.uri)
+        if fs.exists(path):
+            fs.rm(path)
+
+
+class ShardSink:
+    """Routes the encoder's rows to one `ShardWriter` per shard and settles each shard once all of
+    its rows are in: published (its record added, `publish()` called) or, when its input could not
+    be read completely and partial shards are not allowed, discarded and listed in `failed`."""
+
+    def __init__(self, config: PrecomputeConfig, inputs: dict[str, ShardRecord], records: dict[str, ShardRecord],
+                 publish: Callable[[], Any], failed: dict[str, str]) -> None:
+        self.config, self.inputs, self.records, self.publish, self.failed = config, inputs, records, publish, failed
+        self.writers: dict[str, ShardWriter] = {}
+        self.keys: dict[str, set[str]] = {}
+        self.counts: Counter = Counter()
+
+    def add(self, row: dict[str, Any]) -> int:
+        """Take one row (sample, trailer or padding); returns how many samples it added (0 or 1)."""
+        shard, status, key = str(row["shard"]), str(row["status"]), str(row["key"])
+        writer = self.writers.get(shard) or self._open(shard)
+        added = 0
+        if status == TRAILER:
+            writer.expected = int(row["count"])
+            writer.error = formats.decode_json(str(row["meta"]).encode("utf-8"))["error"]
+        elif status != PAD and key not in self.keys[shard]:  # a retried block may arrive twice
+            self.keys[shard].add(key)
+            writer.add(row)
+            self.counts["rows"] += 1
+            self.counts[status] += 1
+            added = 1
+        if writer.complete:
+            self._settle(shard, writer)
+        return added
+
+    def _open(self, shard: str) -> ShardWriter:
+        source = self.inputs[shard]
+        self.keys[shard] = set()
+        writer = self.writers[shard] = ShardWriter(self.config.output, shard, self.config.dtype,
+                                                   input_sha256=source.sha256, input_samples=source.samples)
+        return writer
+
+    def _settle(self, shard: str, writer: ShardWriter) -> None:
+        del self.writers[shard], self.keys[shard]
+        if writer.error and not self.config.allow_partial_shards:
+            writer.discard()
+            self.failed[shard] = writer.error
+            log.error("shard %s: not published: %s", shard, writer.error)
+            return
+        record = self.records[shard] = writer.finish()
+        self.publish()
+        log.info("shard %s: %d stored, skipped %s%s", shard, record.samples, record.stats["skipped"],
+                 f", PARTIAL: {writer.error}" if writer.error else "")
+
+    def abort(self) -> None:
+        """Drop the temp files of shards still open (an interrupted or failed run)."""
+        for writer in self.writers.values():
+            writer.abort()
 
 
 def iter_latent_shard(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
