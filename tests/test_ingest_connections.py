@@ -6,6 +6,8 @@ import time
 
 from latentforge.ingest.download import Fetcher, FetchSettings
 from latentforge.ingest.safety import AddressPolicy
+import pytest
+
 from tests.harness.http_server import LoopbackServer, jpeg_bytes
 
 
@@ -67,3 +69,20 @@ def test_connections_are_kept_per_host() -> None:
             assert f.fetch(second.pool_url(i)).status == "ok"
         assert (first.connections, second.connections) == (1, 1)
         assert [len(s.requests) for s in (first, second)] == [3, 3]
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.2])
+def test_bytes_past_the_content_length_never_answer_the_next_request(delay_s: float) -> None:
+    # The server appends a whole forged response to /a.jpg's body, at once or after a pause (then it
+    # arrives while the connection sits idle). Reusing that connection would make it /b.jpg's answer.
+    forged = jpeg_bytes(40, 30, seed=9)
+    trailing = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(forged) + forged
+    with pool_server() as server:
+        a = server.route("/a.jpg", body=jpeg_bytes(64, 48, seed=1), trailing=trailing, trailing_delay_s=delay_s)
+        b = server.route("/b.jpg", body=jpeg_bytes(64, 48, seed=2))
+        f = fetcher()
+        assert f.fetch(a).data == jpeg_bytes(64, 48, seed=1)
+        time.sleep(0.4)
+        result = f.fetch(b)
+        assert result.status == "ok" and result.data == jpeg_bytes(64, 48, seed=2)
+        assert server.connections == 2 and f.connections.reused == 0

@@ -36,7 +36,7 @@ def test_5xx_is_retried_then_reported(http_server) -> None:
 def test_429_with_retry_after_is_retried_after_waiting(http_server) -> None:
     url = http_server.image("/x", fail_times=2, fail_status=429, retry_after="1")
     started = time.monotonic()
-    result = fetcher(retries=3).fetch(url)
+    result = fetcher(retries=3, timeout_s=6.0).fetch(url)
     elapsed = time.monotonic() - started
     assert result.status == "ok" and result.attempts == 3
     assert elapsed >= 2.0, "Retry-After: 1 was not honoured"
@@ -86,10 +86,32 @@ def test_slow_headers_are_cut_at_the_deadline(http_server) -> None:
     assert time.monotonic() - started < 1.5
 
 
-def test_timeouts_are_retried(http_server) -> None:
+def test_a_timeout_ends_the_request(http_server) -> None:
     url = http_server.image("/slow", delay_s=2)
     result = fetcher(timeout_s=0.3, retries=1).fetch(url)
-    assert result.status == "timeout" and result.attempts == 2
+    assert result.status == "timeout" and result.attempts == 1
+
+
+def test_the_deadline_covers_retries_and_backoff(http_server) -> None:
+    # 8 retries with >= 0.3 s backoff each would take >= 2.4 s; the request has 1.5 s in all.
+    url = http_server.route("/down", status=500, content_type="text/plain")
+    started = time.monotonic()
+    result = fetcher(timeout_s=1.5, retries=8, backoff_s=0.6, backoff_max_s=0.6).fetch(url)
+    elapsed = time.monotonic() - started
+    assert result.status == "http_5xx" and 2 <= result.attempts < 9
+    assert elapsed < 1.7, f"a 1.5 s deadline took {elapsed:.2f} s"
+
+
+def test_the_deadline_covers_a_slow_redirect_chain_and_its_retries(http_server) -> None:
+    # Each hop answers after 0.3 s: the third cannot finish within 0.8 s, and a retry starts no new clock.
+    for i in range(3):
+        http_server.route(f"/r{i}", redirect=f"/r{i + 1}", delay_s=0.3)
+    http_server.image("/r3")
+    started = time.monotonic()
+    result = fetcher(timeout_s=0.8, retries=3).fetch(http_server.url("/r0"))
+    elapsed = time.monotonic() - started
+    assert result.status == "timeout" and result.attempts == 1
+    assert elapsed < 1.2, f"a 0.8 s deadline took {elapsed:.2f} s"
 
 
 def test_declared_oversize_is_refused_before_reading(http_server) -> None:
@@ -156,6 +178,34 @@ def test_per_host_concurrency_cap(http_server) -> None:
         t.join()
     assert all(r.status == "ok" for r in results)
     assert http_server.max_in_flight == 2
+
+
+def test_per_host_cap_holds_for_redirect_targets(http_server, second_server) -> None:
+    # Four requests straight to the second host and four redirected to it by the first one.
+    direct = second_server.image("/slow.jpg", delay_s=0.3)
+    via = http_server.route("/hop", redirect=direct)
+    f = fetcher(max_per_host=2)
+    results = []
+    threads = [threading.Thread(target=lambda u=u: results.append(f.fetch(u))) for u in [direct, via] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status for r in results] == ["ok"] * 8
+    assert second_server.max_in_flight == 2
+
+
+def test_every_resolved_address_is_tried(http_server, second_server) -> None:
+    # images.test resolves to 127.0.0.3 (nothing listens: refused) and then to the server's address.
+    url = http_server.image("/a.jpg").replace("127.0.0.1", "images.test")
+    names = ["127.0.0.3", "127.0.0.1"]
+    f = Fetcher(FetchSettings(timeout_s=3, retries=0), AddressPolicy(allow_networks=["127.0.0.0/8"],
+                                                                     resolver=lambda host, port: names))
+    result = f.fetch(url)
+    assert result.status == "ok" and result.attempts == 1 and http_server.hits("/a.jpg") == 1
+    assert http_server.requests[0].headers["Host"].startswith("images.test")
+    names[:] = ["127.0.0.3", "169.254.169.254", "127.0.0.1"]  # one refused address refuses the name
+    assert f.fetch(url).status == "ssrf_blocked" and http_server.hits("/a.jpg") == 1
 
 
 def test_wrong_content_type_does_not_matter(http_server) -> None:

@@ -8,6 +8,7 @@
     server.route("/r", redirect="http://127.0.0.2:PORT/x")                  # redirects (other hosts too)
     server.route("/big", huge=100 << 20)                                     # streamed, never in memory
     server.route("/liar", content_length=100)                                # a lying Content-Length
+    server.route("/x", trailing=b"HTTP/1.1 200 ...", trailing_delay_s=0.1)   # bytes past the body, kept alive
     server.route("/x", headers={"X-Robots-Tag": "noai"})                    # arbitrary headers
     server.requests                                                          # every request seen
     server.connections                                                       # TCP connections accepted
@@ -152,6 +153,8 @@ class Route:
     redirect: str | None = None    # Location (status 302 unless status says 301/303/307/308)
     content_length: int | None = -1  # -1: the true length; None: omit (body ends at close); N: a lie
     huge: int = 0                  # stream this many bytes of garbage instead of body
+    trailing: bytes = b""          # sent after the body (past its true Content-Length), connection kept open
+    trailing_delay_s: float = 0.0  # wait between the body and `trailing`
     hits: int = 0
 
 
@@ -253,6 +256,9 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(pause)
             return
         self.wfile.write(body)
+        if route.trailing:
+            time.sleep(route.trailing_delay_s)
+            self.wfile.write(route.trailing)
 
 
 class _Server(ThreadingHTTPServer):

@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 from latentforge.config import ConfigError
 from latentforge.formats import MAX_SAMPLES_PER_SHARD
+from latentforge.tracking import TrackingOptions
 
 #: Every status a ledger row can have; `ok` means a sample was written to the tar.
 STATUSES = (
@@ -35,7 +36,7 @@ RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop
 
 
 @dataclass
-class IngestConfig:
+class IngestConfig(TrackingOptions):
     """Download URL+caption lists into WebDataset shards (one shard per Ray task, resumable)."""
 
     input: str = ""
@@ -75,11 +76,11 @@ class IngestConfig:
     """Decompression-bomb limit: width*height from the header above this is refused before decoding."""
 
     timeout_s: float = 20.0
-    """Total wall-clock deadline per request attempt (DNS, connect, headers, redirects and body)."""
+    """Wall-clock deadline per request: all attempts, backoff waits, redirect hops, DNS, connect, headers, body."""
     max_bytes: int = 20 * 1024 * 1024
     """Largest body accepted; checked on Content-Length and while streaming (status too_large)."""
     retries: int = 2
-    """Extra attempts after a timeout, connection error, 429 or 5xx; other 4xx are never retried."""
+    """Extra attempts after a connection error, 429 or 5xx while the deadline allows; other 4xx never."""
     backoff_s: float = 0.5
     """Base of the exponential backoff (base * 2**attempt, with jitter)."""
     backoff_max_s: float = 20.0
@@ -113,12 +114,11 @@ class IngestConfig:
     """Ray CPUs reserved per shard task."""
     max_concurrent_shards: Optional[int] = None
     """Upper bound on shard tasks running at once; none = as many as the CPUs allow."""
-    verify_finished: bool = True
-    """On resume, re-hash every finished shard and redo the ones whose files do not match the manifest."""
+    verify_finished: bool = False
+    """On resume, re-hash every finished shard's files; default: trust a tar whose size matches its manifest
+    record (a stat, no bytes read). A shard whose files are missing or do not match is redone."""
     progress: bool = True
     """Show a progress bar on stderr."""
-    mlflow: bool = True
-    """Log config, counts and throughput to MLflow (MLFLOW_TRACKING_URI, else ./mlruns)."""
     run_name: Optional[str] = None
     """MLflow run name; default ingest-<output dir name>."""
 

@@ -8,8 +8,11 @@ address. img2dataset's urllib opens a new TCP (and TLS) connection for every ima
 one per host saves the handshakes and, on the server, a new connection per image.
 
 A connection goes back to the pool only after a 200 whose body was read to the end within
-the deadline and whose server did not ask to close; everything else is closed. Idle
-connections are dropped after `idle_s` (servers close them on their side too). When a reused
+the deadline, whose server did not ask to close and sent nothing past its Content-Length
+(`bytes_follow`: such bytes would be read as the start of the next response, another URL's
+answer); everything else is closed. Idle connections are dropped after `idle_s` (servers
+close them on their side too), and so is one with anything to read when it is taken again:
+late bytes past a body, or the server's close. When a reused
 connection turns out to have been closed by the server (`STALE_ERRORS`), the caller drops it
 and sends the GET on the next idle one or a new one, as HTTP clients do for an idempotent
 request; only a failure on a new connection counts as the attempt's failure.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import http.client
+import select
 import socket
 import ssl
 import threading
@@ -56,6 +60,30 @@ class PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = _SSL_CONTEXT.wrap_socket(sock, server_hostname=self.host)
 
 
+def bytes_follow(response: http.client.HTTPResponse, sock: socket.socket | None) -> bool:
+    """Whether anything follows the response's body: in its read buffer or on the socket (no wait)."""
+    if sock is None:
+        return True
+    if response.fp is not None:  # its buffer may hold bytes read past the body
+        sock.settimeout(0.0)     # a peek that finds the buffer empty reads the socket: never wait
+        try:
+            if response.fp.peek(1):
+                return True
+        except ssl.SSLWantReadError:  # TLS: no record waiting
+            pass
+        except OSError:
+            return True
+    return has_input(sock)
+
+
+def has_input(sock: socket.socket) -> bool:
+    """Data or an EOF is waiting on the socket (or decrypted in its TLS buffer)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 def open_connection(key: PoolKey, timeout: float) -> http.client.HTTPConnection:
     scheme, host, port, address = key
     cls = PinnedHTTPSConnection if scheme == "https" else PinnedHTTPConnection
@@ -87,7 +115,7 @@ class ConnectionPool:
             now = time.monotonic()
             while idle and conn is None:
                 since, candidate = idle.pop()   # most recently used first: least likely closed
-                if now - since > self.idle_s:
+                if now - since > self.idle_s or candidate.sock is None or has_input(candidate.sock):
                     stale.append(candidate)
                 else:
                     conn = candidate

@@ -1,9 +1,16 @@
 """Fetch one URL: total deadline, size cap, safe redirects, retries, per-host cap, opt-outs.
 
-The deadline is wall-clock for the whole attempt (DNS, connect, headers, every redirect hop
-and the body): a watchdog thread shuts the socket down when it passes, so a server that
-drips one byte a second cannot hold a download thread longer than `timeout_s`. A per-read
-socket timeout alone would never fire against such a server.
+The deadline is wall-clock for the whole request: every attempt, the backoff waits between
+them, and in each attempt DNS, connect, headers, every redirect hop and the body. A watchdog
+thread shuts the socket down when it passes, so a server that drips one byte a second cannot
+hold a download thread longer than `timeout_s` (a per-read socket timeout alone would never
+fire against such a server), and no retry starts whose backoff would end past it. The clock
+starts when the request first holds a slot of its host (`max_per_host`): waiting behind this
+process's own requests to a busy host is not the host being slow.
+
+Every hop holds a slot of its own host while it runs, so a redirect target gets no more
+concurrent requests than `max_per_host` however many hosts redirect to it. A host name's
+checked addresses are tried in turn until one takes the connection.
 
 The body is streamed in 64 KiB reads into a buffer that is refused as soon as it passes
 `max_bytes`, whatever Content-Length claimed, so memory stays bounded per download.
@@ -11,26 +18,26 @@ The body is streamed in 64 KiB reads into a buffer that is refused as soon as it
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
-import heapq
 import http.client
-import itertools
 import random
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urljoin
 
 from latentforge.ingest.config import IngestConfig
-from latentforge.ingest.connections import STALE_ERRORS, ConnectionPool, PoolKey
-from latentforge.ingest.safety import AddressPolicy, BlockedURL, ResolveError, Target
+from latentforge.ingest.connections import STALE_ERRORS, ConnectionPool, PoolKey, bytes_follow
+from latentforge.ingest.safety import AddressPolicy, BlockedURL, IPAddress, ResolveError, Target
+from latentforge.ingest.watchdog import WATCHDOG
 
 READ_CHUNK = 64 * 1024
 REDIRECT_CODES = (301, 302, 303, 307, 308)
-RETRYABLE = ("timeout", "connection", "http_5xx", "http_429")
+RETRYABLE = ("connection", "http_5xx", "http_429")  # not timeout: the deadline covers the whole request
 BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 
 
@@ -88,67 +95,29 @@ class _Failure(Exception):
         self.retry_after = retry_after
 
 
-# --------------------------------------------------------------------------- watchdog
-class Watchdog:
-    """One thread that runs callbacks at deadlines (cheaper than a Timer thread per request)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._cancelled: set[int] = set()
-        self._ids = itertools.count()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def schedule(self, when: float, callback: Callable[[], None]) -> int:
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="lf-deadline", daemon=True)
-                self._thread.start()
-            ident = next(self._ids)
-            heapq.heappush(self._heap, (when, ident, callback))
-            if self._heap[0][1] == ident:  # only an earlier deadline changes how long the loop sleeps
-                self._cond.notify()
-            return ident
-
-    def cancel(self, ident: int) -> None:
-        with self._cond:
-            self._cancelled.add(ident)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._heap and self._heap[0][1] in self._cancelled:
-                    self._cancelled.discard(heapq.heappop(self._heap)[1])
-                if not self._heap:
-                    self._cond.wait(1.0)
-                    continue
-                when, ident, callback = self._heap[0]
-                delay = when - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(self._heap)
-            try:
-                callback()
-            except Exception:  # noqa: BLE001 - a failed shutdown of a dead socket is fine
-                pass
-
-
-WATCHDOG = Watchdog()
-
-
+# --------------------------------------------------------------------------- deadline
 class _Deadline:
-    """Wall-clock budget of one attempt; kills the registered socket when it runs out."""
+    """Wall-clock budget of one request from `start()` on; kills the registered socket when it runs out."""
 
     def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
+        self.seconds = seconds
+        self.end: float | None = None
         self.expired = False
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self._ident = WATCHDOG.schedule(self.end, self._fire)
+        self._ident: int | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.end is not None
+
+    def start(self) -> None:
+        if self.end is None:
+            self.end = time.monotonic() + self.seconds
+            self._ident = WATCHDOG.schedule(self.end, self._fire)
 
     def remaining(self) -> float:
-        return self.end - time.monotonic()
+        return self.seconds if self.end is None else self.end - time.monotonic()
 
     def check(self, what: str) -> None:
         if self.expired or self.remaining() <= 0:
@@ -167,7 +136,8 @@ class _Deadline:
                 _kill(self._sock)
 
     def close(self) -> None:
-        WATCHDOG.cancel(self._ident)
+        if self._ident is not None:
+            WATCHDOG.cancel(self._ident)
 
 
 def _kill(sock: socket.socket) -> None:
@@ -246,46 +216,63 @@ class Fetcher:
         return delay
 
     def fetch(self, url: str) -> FetchResult:
-        start = time.monotonic()
-        s = self.settings
+        deadline = _Deadline(self.settings.timeout_s)
+        try:
+            return self._fetch(url, deadline, time.monotonic())
+        finally:
+            deadline.close()
+
+    def _fetch(self, url: str, deadline: _Deadline, start: float) -> FetchResult:
         attempt = 0
         while True:
             attempt += 1
             try:
-                data, http_status, final_url, ctype = self._attempt(url)
+                data, http_status, final_url, ctype = self._attempt(url, deadline)
                 return FetchResult("ok", data=data, http_status=http_status, final_url=final_url,
                                    attempts=attempt, content_type=ctype, seconds=time.monotonic() - start)
             except (BlockedURL, ResolveError) as exc:
                 return FetchResult(exc.reason, error=str(exc), attempts=attempt, seconds=time.monotonic() - start)
             except _Failure as exc:
-                reason = exc.reason
-                retryable = reason in RETRYABLE
-                if exc.retry_after is not None and exc.retry_after > s.max_retry_after_s:
-                    retryable = False
-                if retryable and attempt <= s.retries:
-                    self._sleep(self.backoff(attempt - 1, exc.retry_after))
+                delay = self._retry_delay(exc, attempt, deadline)
+                if delay is not None:
+                    self._sleep(delay)
                     continue
-                if reason == "http_429":
-                    reason = "http_4xx"
-                return FetchResult(reason, http_status=exc.http_status, error=str(exc)[:500],
-                                   attempts=attempt, seconds=time.monotonic() - start)
+                return FetchResult("http_4xx" if exc.reason == "http_429" else exc.reason, http_status=exc.http_status,
+                                   error=str(exc)[:500], attempts=attempt, seconds=time.monotonic() - start)
 
-    def _attempt(self, url: str) -> tuple[bytes, int, str, str]:
+    def _retry_delay(self, exc: _Failure, attempt: int, deadline: _Deadline) -> float | None:
+        """The wait before another attempt; None when there is none: the failure is final, the
+        retries are used up, or the wait would end past the request's deadline."""
+        s = self.settings
+        if exc.reason not in RETRYABLE or attempt > s.retries:
+            return None
+        if exc.retry_after is not None and exc.retry_after > s.max_retry_after_s:
+            return None
+        delay = self.backoff(attempt - 1, exc.retry_after)
+        return delay if delay < deadline.remaining() else None
+
+    def _attempt(self, url: str, deadline: _Deadline) -> tuple[bytes, int, str, str]:
         s = self.settings
         target = self.policy.check_url(url)
-        slot = self._slot(f"{target.host}:{target.port}")
-        slot.acquire()
-        deadline = _Deadline(s.timeout_s)
-        try:
-            for _hop in range(s.max_redirects + 1):
+        for _hop in range(s.max_redirects + 1):
+            with self._holding_slot(target, deadline):
                 location, result = self._hop(target, deadline)
-                if result is not None:
-                    return result
-                assert location is not None
-                target = self.policy.check_url(urljoin(target.url, location))
-            raise _Failure("too_many_redirects", f"more than {s.max_redirects} redirects")
+            if result is not None:
+                return result
+            assert location is not None
+            target = self.policy.check_url(urljoin(target.url, location))
+        raise _Failure("too_many_redirects", f"more than {s.max_redirects} redirects")
+
+    @contextlib.contextmanager
+    def _holding_slot(self, target: Target, deadline: _Deadline) -> Iterator[None]:
+        """Hold one of the `max_per_host` slots of this hop's host; the first one held starts the clock."""
+        slot = self._slot(f"{target.host}:{target.port}")
+        if not slot.acquire(timeout=max(deadline.remaining(), 0.0) if deadline.started else None):
+            raise _Failure("timeout", f"deadline passed waiting for a free slot of {target.host}")
+        try:
+            deadline.start()
+            yield
         finally:
-            deadline.close()
             slot.release()
 
     def _hop(self, target: Target, deadline: _Deadline) -> tuple[str | None, tuple[bytes, int, str, str] | None]:
@@ -293,8 +280,7 @@ class Fetcher:
         deadline.check("DNS")
         addresses = self.policy.resolve(target, deadline.remaining())
         deadline.check("DNS")
-        key: PoolKey = (target.scheme, target.host, target.port, str(addresses[0]))
-        conn, response = self._send(key, target, deadline)
+        key, conn, response = self._send_any(target, addresses, deadline)
         keep = False
         try:
             status = response.status
@@ -314,7 +300,9 @@ class Fetcher:
             body = self._read_body(response, deadline, status)
             if declared is not None and declared.strip().isdigit() and len(body) < int(declared):
                 raise _Failure("connection", f"body ended after {len(body)} of {declared} bytes", status)
-            keep = response.isclosed() and not response.will_close and not deadline.expired
+            # Bytes past the body would be read as the start of the next response on this connection.
+            keep = not response.will_close and not deadline.expired and not bytes_follow(response, conn.sock)
+            response.close()  # read to its end: releases the connection for the next request (read1 does not)
             return None, (body, status, target.url, response.getheader("Content-Type") or "")
         finally:
             deadline.watch(None)
@@ -322,6 +310,22 @@ class Fetcher:
                 self.connections.give(key, conn)
             else:
                 conn.close()
+
+    def _send_any(self, target: Target, addresses: list[IPAddress],
+                  deadline: _Deadline) -> tuple[PoolKey, http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send the GET to the name's checked addresses in turn until one answers (one refusing or
+        unreachable is no reason to give up on the host); a timeout ends the search: the time is up."""
+        failure: _Failure | None = None
+        for address in addresses:
+            key: PoolKey = (target.scheme, target.host, target.port, str(address))
+            try:
+                return (key, *self._send(key, target, deadline))
+            except _Failure as exc:
+                if exc.reason == "timeout":
+                    raise
+                failure = exc
+        assert failure is not None  # resolve() returns at least one address
+        raise failure
 
     def _send(self, key: PoolKey, target: Target,
               deadline: _Deadline) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -364,7 +368,6 @@ class Fetcher:
                 raise _Failure("connection", f"body ended early ({len(buffer)} bytes)", status) from exc
             raise _Failure("connection", f"{type(exc).__name__}: {exc}", status) from exc
         deadline.check("the body")
-        response.close()  # read to its end: releases the connection for the next request (read1 does not)
         return bytes(buffer)
 
 

@@ -8,8 +8,8 @@ runs in (cloud metadata at 169.254.169.254, admin ports on 127.0.0.1). The rules
   `0177.0.0.1`, `[::ffff:127.0.0.1]`, 6to4/NAT64/Teredo wrappers) and its *embedded* IPv4
   address is what gets checked;
 - a host name is resolved once, every address it resolves to must be public, and the
-  connection is then made to that checked address (so DNS rebinding between check and
-  connect cannot happen);
+  connection is then made to those checked addresses, in turn until one takes it (so DNS
+  rebinding between check and connect cannot happen);
 - every redirect hop goes through the same check (done by `download.Fetcher`).
 
 `allow_private=True` lifts the address rule (tests and the demo serve from 127.0.0.1);
