@@ -45,10 +45,12 @@ class TinyExport:
 
 def build_tiny_export(root: str | Path, vae: str = "patchify", resolution: int = 16, seed: int = 0,
                       prediction_type: str = "epsilon", mlflow_run_id: str | None = None,
-                      clip_path: str | None = None) -> TinyExport:
+                      clip_path: str | None = None, text_states: str | None = None) -> TinyExport:
+    """`text_states` is recorded in the data manifest (None: not recorded, as before the choice existed)."""
     from diffusers import DDPMScheduler
 
-    from latentforge.models.testing import save_tiny_autoencoder_kl, save_tiny_clip_checkpoint
+    from latentforge.models.testing import (save_tiny_autoencoder_kl, save_tiny_autoencoder_tiny,
+                                            save_tiny_clip_checkpoint)
 
     root = Path(root)
     export = root / "export"
@@ -60,6 +62,10 @@ def build_tiny_export(root: str | Path, vae: str = "patchify", resolution: int =
     elif vae == "autoencoder_kl":
         vae_dir = save_tiny_autoencoder_kl(root / "vae", seed=seed, scaling_factor=0.5, shift_factor=None)
         vae_record = {"type": "autoencoder_kl", "id": str(vae_dir), "patch_size": 2, "scaling_factor": 0.5,
+                      "shift_factor": 0.0, "latent_channels": 4, "downsample": 2}
+    elif vae == "autoencoder_tiny":
+        vae_dir = save_tiny_autoencoder_tiny(root / "vae", seed=seed)
+        vae_record = {"type": "autoencoder_tiny", "id": str(vae_dir), "patch_size": 2, "scaling_factor": 1.0,
                       "shift_factor": 0.0, "latent_channels": 4, "downsample": 2}
     else:
         raise ValueError(vae)
@@ -73,7 +79,8 @@ def build_tiny_export(root: str | Path, vae: str = "patchify", resolution: int =
                 "text_encoder": {"name": "lf-tiny-clip", "weights": clip, "layer": "last",
                                  "context_length": 77, "width": 32, "pooled_dim": 32}},
         extra={"dtype": "fp32", "latent": "mean", "resolution": resolution,
-               "latent_shape": [vae_record["latent_channels"], resolution // down, resolution // down]},
+               "latent_shape": [vae_record["latent_channels"], resolution // down, resolution // down],
+               **({"text_states": text_states} if text_states else {})},
     )
     storage.atomic_write_json(str(export / "data_manifest.json"), data_manifest.to_dict())
     write_manifest(str(export), Manifest(stage="train", config={"preset": "test"},

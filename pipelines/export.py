@@ -1,0 +1,58 @@
+"""The export stage: a train export -> a diffusers folder, a single-file checkpoint or an MLflow model.
+
+No Ray graph: one model is converted in one process. Every target is checked before anything is
+written, writes into a temp location and publishes with one rename (see latentforge.export).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from latentforge import storage
+from latentforge.export.config import ExportConfig
+from latentforge.export.target import ExportRefused, Source, load_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    format: str
+    out: str
+    source_digest: str
+    seconds: float
+    summary: str = ""
+
+
+def default_out(source: Source, fmt: str) -> str:
+    """Beside the export, in the training run's dir; for mlflow the artifact path in the run."""
+    parent = source.model.export_dir.rstrip("/").rsplit("/", 1)[0] if "/" in source.model.export_dir else "."
+    return {"diffusers": storage.join(parent, "diffusers"), "single-file": storage.join(parent, "model.safetensors"),
+            "mlflow": "model"}[fmt]
+
+
+def _local(out: str) -> str:
+    if "://" in out and not out.startswith("file://"):
+        raise ExportRefused(f"--out {out}: only local paths are written (copy the result afterwards)")
+    return out.removeprefix("file://")
+
+
+def export_to(source: Source, config: ExportConfig) -> str:
+    """Write ``source`` in ``config.format``; returns where it went."""
+    out = config.out or default_out(source, config.format)
+    if config.format == "diffusers":
+        from latentforge.export.diffusers_folder import write_diffusers_folder
+
+        return str(write_diffusers_folder(source, _local(out), config.sampler))
+    raise ExportRefused(f"format {config.format!r} is not available")
+
+
+def run(config: ExportConfig) -> ExportResult:
+    start = time.perf_counter()
+    source = load_source(config.model)
+    out = export_to(source, config)
+    seconds = time.perf_counter() - start
+    summary = f"export: {config.format} -> {out} (from {source.model.export_dir}, {seconds:.1f}s)"
+    return ExportResult(config.format, out, source.digest, seconds, summary)

@@ -1,0 +1,44 @@
+"""`jobs/export_model.py` options (dataclass defaults < `jobs/configs/export/*.yaml` < flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from latentforge.export.target import EXPORT_FORMATS
+
+SINGLE_FILE_DTYPES = ("fp32", "fp16")
+
+
+@dataclass
+class ExportConfig:
+    """Export a trained model for diffusers, single-file tools (ComfyUI / A1111) or the MLflow registry."""
+
+    model: str = ""
+    """The train export: export dir (STORAGE/RUN/export), a training run dir holding export/, or an MLflow run id."""
+    format: str = "diffusers"
+    """diffusers (pipeline folder) | single-file (LDM-layout .safetensors) | mlflow (pyfunc on the training run)."""
+    out: str | None = None
+    """Output path. Default: EXPORT/../diffusers for diffusers, EXPORT/../model.safetensors for single-file;
+    for mlflow the artifact path inside the training run (default: model)."""
+    register_as: str | None = None
+    """mlflow: also register the logged model under this Model Registry name."""
+    sampler: str = "ddim"
+    """The pipeline's default scheduler: ddim | dpmsolver++ (both from the training noise schedule)."""
+    dtype: str = "fp32"
+    """single-file: tensor dtype, fp32 (equal to the folder) | fp16 (half the size, what A1111 shares)."""
+    title: str | None = None
+    """single-file: ModelSpec title (default: the training run name or the export dir name)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {list(EXPORT_FORMATS)}, got {self.format!r}")
+        if self.sampler.lower() not in ("ddim", "dpmsolver++"):
+            raise ValueError(f"sampler must be ddim or dpmsolver++, got {self.sampler!r}")
+        if self.dtype not in SINGLE_FILE_DTYPES:
+            raise ValueError(f"dtype must be one of {list(SINGLE_FILE_DTYPES)}")
+        if self.register_as is not None and self.format != "mlflow":
+            raise ValueError("--register-as needs --format mlflow")
+
+    def check_required(self) -> None:
+        if not self.model:
+            raise ValueError("missing required option --model")
