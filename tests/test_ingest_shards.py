@@ -212,3 +212,20 @@ def test_worker_stdout_and_stderr_survive_the_resizer_threads(tmp_path, http_ser
     before = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
     assert run_local(config)["counts"]["ok"] == 600
     assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == before
+
+
+@pytest.mark.parametrize("name", ["in.csv", "in.jsonl.gz"])
+def test_text_input_shards_equal_the_parquet_inputs(tmp_path, http_server, name: str) -> None:
+    # The same url/caption rows as parquet and as text: byte-identical tars, ledgers and manifests' shards.
+    http_server.set_pool(realistic_jpeg_pool(3))
+    rows = pool_rows(http_server, 11)
+    rows[5]["url"] = http_server.route("/gone", status=404)
+    write_rows(tmp_path / "in.parquet", rows)
+    write_rows(tmp_path / name, rows)
+    reference = run_local(config_for(tmp_path, output=str(tmp_path / "ref")))
+    manifest = run_local(config_for(tmp_path, input=str(tmp_path / name)))
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+    assert len(manifest["shards"]) == 3 and manifest["counts"] == reference["counts"]
+    for shard in reference["shards"]:
+        ledger, expected = (pq.read_table(tmp_path / d / f"{shard['name']}.parquet") for d in ("out", "ref"))
+        assert ledger.drop_columns(["seconds"]).equals(expected.drop_columns(["seconds"]))
