@@ -1,4 +1,5 @@
-"""Latent shard writer: one tar per input shard, written to a temp name and renamed when complete.
+"""Latent shard writer: one tar per input shard, written to a temp name and renamed when complete;
+`ShardSink` routes the encoder's rows to the writers and settles each shard (published or not).
 
 Tars are byte-reproducible (fixed mtime/owner, USTAR, members in arrival order), so a rerun of
 a killed job produces the same file hashes as an uninterrupted run.
