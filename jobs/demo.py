@@ -133,13 +133,19 @@ def stage_argv(config: DemoConfig, paths: Paths, clip_weights: str | None) -> di
              "--storage-path", str(paths.checkpoints), "--run-name", "demo-train", "--seed", str(config.seed),
              "--checkpoint-every", str(config.checkpoint_every), "--eval-every", str(config.eval_every),
              "--eval-prompts", ",".join(eval_set), "--eval-steps", "20", "--val-samples", "64"]
-    return {"download_images": ingest, "precompute_latents": precompute, "train": train}
+    return {stage: args + tracking_flags(config)
+            for stage, args in (("download_images", ingest), ("precompute_latents", precompute), ("train", train))}
+
+
+def tracking_flags(config: DemoConfig) -> list[str]:
+    return [] if config.mlflow else ["--no-mlflow"]
 
 
 def generate_argv(config: DemoConfig, model: str, prompts: Path, out: Path, run_name: str) -> list[str]:
     return ["--model", model, "--prompts", str(prompts), "--out", str(out),
             "--sampler", config.sampler, "--steps", str(config.sample_steps), "--guidance", str(config.guidance),
-            "--seed", str(config.seed), "--batch-size", "16", "--no-progress", "--run-name", run_name]
+            "--seed", str(config.seed), "--batch-size", "16", "--no-progress", "--run-name", run_name,
+            *tracking_flags(config)]
 
 
 def write_untrained_export(trained_export: Path, out: Path, preset: str, seed: int) -> Path:
@@ -217,7 +223,9 @@ def summary_text(config: DemoConfig, paths: Paths, result: dict[str, Any]) -> st
 
     before, after = result["adherence"]["untrained"], result["adherence"]["trained"]
     tracking = result["tracking_uri"]
-    if tracking.startswith("sqlite:///"):
+    if tracking is None:
+        open_cmd, url = "off (--no-mlflow)", "-"
+    elif tracking.startswith("sqlite:///"):
         open_cmd = f"make mlflow   (or: mlflow server --host 127.0.0.1 --port {config.ui_port} " \
                    f"--backend-store-uri {tracking})"
         url = f"http://127.0.0.1:{config.ui_port}"
@@ -309,12 +317,14 @@ def run(config: DemoConfig) -> dict[str, Any]:
         write_url_list(rows, paths.urls)
         broken = sum("/broken/" in r["url"] for r in rows)
         print(f"demo: serving {len(rows)} URLs ({broken} broken) from {server.base_url}", flush=True)
-        with tracking.PipelineRun("demo", tags={"latentforge.demo.rows": str(config.rows)}) as pipeline:
+        uri = tracking.tracking_uri() if config.mlflow else None  # tracking_uri() may create ./mlruns
+        with tracking.PipelineRun("demo", tags={"latentforge.demo.rows": str(config.rows)},
+                                  enabled=config.mlflow) as pipeline:
             pipeline.stage_run.log_params(config_to_dict(config))
             # One embedded Ray for every stage, started after the pipeline run id is in the
             # environment so Ray workers (the training loop) inherit it.
             where = init_ray(num_cpus=config.num_cpus)
-            print(f"demo: stages run on {where}; MLflow: {tracking.tracking_uri()}", flush=True)
+            print(f"demo: stages run on {where}; MLflow: {uri or 'off (--no-mlflow)'}", flush=True)
             argv = stage_argv(config, paths, clip_weights)
             for stage in ("download_images", "precompute_latents", "train"):
                 run_stage(stage, argv[stage], timings)
@@ -330,7 +340,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
                 "pipeline_run_id": pipeline.run_id,
                 "experiment_id": _experiment_id(pipeline),
                 "training_run_id": train_run,
-                "tracking_uri": tracking.tracking_uri(),
+                "tracking_uri": uri,
                 "broken_urls": broken,
                 "ingested": read_manifest(str(paths.shards)).total_samples,
                 "latents": read_manifest(str(paths.latents)).total_samples,

@@ -103,7 +103,7 @@ def run(config: EvaluateConfig) -> EvaluateResult:
         run_.log_artifact(grid)
         run_.log_artifact(storage.join(out, "metrics.json"))
         logged_to = None
-        if config.log_to_source_run and model.mlflow_run_id:
+        if config.mlflow and config.log_to_source_run and model.mlflow_run_id:
             named = {f"eval/{k}": v for k, v in scored.metrics.items()}
             _log_to_source(model.mlflow_run_id, named, step, [grid, storage.join(out, "metrics.json")],
                            f"eval/step_{step:06d}")

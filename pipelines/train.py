@@ -128,6 +128,11 @@ def build_datasets(config: TrainConfig, plan: tdata.DataPlan) -> dict[str, Any]:
     return datasets
 
 
+def _eval_failures_text(summary: dict[str, Any]) -> str:
+    count = int(summary.get("eval_failures", 0))
+    return f"{count} (last: {summary['eval_last_failure']})" if count else "0"
+
+
 def run(config: TrainConfig) -> TrainResult:
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -152,6 +157,10 @@ def run(config: TrainConfig) -> TrainResult:
                                config.seed, config.val_samples)
     except tdata.DataPlanError as exc:
         raise ConfigError(str(exc)) from exc
+    if config.eval_prompts:
+        from latentforge.evaluation.in_training import check_can_start
+
+        check_can_start(config.eval_config(), config.data, manifest)  # before any worker exists
     config.run_name = config.run_name or runs.default_run_name()
     config.storage_path = _absolute_storage(config.storage_path)
     where = init_ray()
@@ -160,7 +169,7 @@ def run(config: TrainConfig) -> TrainResult:
     if config.storage_is_shared and runs.is_local_path(config.storage_path) and len(set(nodes)) > 1:
         runs.check_storage_seen(config.storage_path, _storage_seen_by_nodes(config.storage_path),
                                 ray.util.get_node_ip_address())
-    if len(set(nodes)) > 1 and tracking_uri().startswith("sqlite:"):
+    if config.mlflow and len(set(nodes)) > 1 and tracking_uri().startswith("sqlite:"):
         log.warning("MLflow logs to a local sqlite file (%s) but the cluster spans several machines: rank 0 may "
                     "run elsewhere and log to its own file. Set MLFLOW_TRACKING_URI to a tracking server.",
                     tracking_uri())
@@ -177,7 +186,8 @@ def run(config: TrainConfig) -> TrainResult:
     resolved = config_to_dict(config)
     export_uri = runs.export_dir(config.storage_path, config.run_name)
     started = time.time()
-    with StageRun("train", run_name=config.run_name, run_id=(previous or {}).get("mlflow_run_id")) as run:
+    with StageRun("train", run_name=config.run_name, run_id=(previous or {}).get("mlflow_run_id"),
+                  enabled=config.mlflow) as run:
         if previous is None:
             runs.write_run_state(config.storage_path, config.run_name, {
                 "mlflow_run_id": run.run_id, "data_dir": config.data, "data_manifest_sha256": digest,
@@ -190,7 +200,8 @@ def run(config: TrainConfig) -> TrainResult:
             run.log_manifest(config.data, digest, "input")
         loop_config = {
             "config": resolved, "unet_config": unet_config, "manifest": manifest.to_dict(), "plan": plan.to_dict(),
-            "data_digest": digest, "mlflow_run_id": run.run_id, "tracking_uri": tracking_uri(),
+            "data_digest": digest, "mlflow_run_id": run.run_id,
+            "tracking_uri": tracking_uri() if config.mlflow else None,  # tracking_uri() makes ./mlruns
             "export_uri": export_uri, "fault": os.environ.get(FAULT_ENV),
         }
         ingest = DataConfig.default_ingest_options()
@@ -230,6 +241,8 @@ def run(config: TrainConfig) -> TrainResult:
         ("samples/s (mean, this attempt)", f"{summary_numbers.get('samples_per_s', 0.0):,.1f}"),
         ("data-wait share", f"{100 * summary_numbers.get('data_wait_share', 0.0):.1f} %"),
         ("resumes (restarts + reruns)", summary_numbers.get("resumes", 0)),
+        ("in-training eval failures", _eval_failures_text(summary_numbers)),
+        ("metric values dropped (MLflow)", summary_numbers.get("metrics_dropped", 0)),
         ("wall time", f"{seconds:,.0f} s"),
         ("export", export_uri), ("mlflow run", run.run_id or "-"),
     ]

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from latentforge.config import from_dict
+from latentforge.evaluation.in_training import EvalFailures
 from latentforge.manifest import Manifest
 from latentforge.tracking import AsyncMetricLogger, StageRun
 from latentforge.training import data as tdata
@@ -92,54 +93,65 @@ class _Trace:
 
 
 def _eval_hook(config: TrainConfig, manifest: Manifest, device: Any, scheduler_config: Any) -> Any:
-    """The in-training evaluator, or None (no prompts configured, module absent, or it cannot start).
+    """The in-training evaluator, or None when no prompts are configured.
 
-    The import is guarded so training works without the evaluation module; a failure to build the
-    evaluator (missing weights, ...) is a loud warning, not a reason to stop a long training run.
+    The driver checked (`check_can_start`) that everything it loads exists; one that still cannot
+    start here (out of memory, ...) becomes an `UnavailableEvaluator`, so that every eval it
+    misses is a counted failure (metric and summary) rather than a warning at start-up only.
     """
+    from latentforge.evaluation.in_training import TrainingEvaluator, UnavailableEvaluator
+
     if not config.eval_prompts:
-        return None
-    try:
-        from latentforge.evaluation.in_training import TrainingEvaluator
-    except ImportError as exc:
-        log.warning("in-training eval is configured but latentforge.evaluation.in_training is unavailable (%s); "
-                    "only the validation loss is logged", exc)
         return None
     try:
         return TrainingEvaluator(config.eval_config(), config.data, manifest, device,
                                  scheduler_config=dict(scheduler_config))
-    except Exception as exc:  # noqa: BLE001
-        log.warning("in-training eval disabled: the evaluator could not start (%s: %s)", type(exc).__name__, exc)
-        return None
+    except Exception as exc:  # noqa: BLE001 - counted at every eval step, see UnavailableEvaluator
+        return UnavailableEvaluator(f"{type(exc).__name__}: {exc}")
+
+
+def _upload_then_remove(run: Any, out_dir: str, artifacts: list[str], step: int) -> None:
+    try:
+        for path in artifacts:
+            run.log_artifact(path, f"eval/step_{step:06d}")
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def evaluate_step(trainer: Any, step: int, val_batches: list[dict[str, Any]], evaluator: Any, run: Any,
-                  artifact_pool: Any) -> tuple[dict[str, float], Any]:
+                  artifact_pool: Any, failures: EvalFailures) -> tuple[dict[str, float], Any]:
     """Rank 0, every eval_every steps: validation loss (raw and EMA) and the in-training eval.
 
     The evaluator sees the EMA weights; its metrics are returned for logging at `step` in the
     training's MLflow run and its artifacts are uploaded under eval/step_XXXXXX/ on a background
-    thread. An eval failure is a warning, never the end of the training.
+    thread, which then removes them. An eval failure never ends the training: it is counted in
+    `failures` and in the `eval/failures` metric returned with the others.
     """
     metrics: dict[str, float] = {}
     if val_batches:
         metrics["val/loss"] = trainer.validation_loss(val_batches)
         if trainer.ema is not None:
             metrics["val/loss_ema"] = trainer.validation_loss(val_batches, use_ema=True)
-    if evaluator is not None:
-        out_dir = tempfile.mkdtemp(prefix=f"lf-eval-{step:06d}-")
-        try:
-            with trainer.ema_weights() as unet:
-                evaluation = evaluator.evaluate(unet, step, out_dir)
-            metrics.update({k: float(v) for k, v in evaluation.metrics.items()})
-            if run is not None and evaluation.artifacts:
-                from concurrent.futures import ThreadPoolExecutor
+    if evaluator is None:
+        return metrics, artifact_pool
+    out_dir = tempfile.mkdtemp(prefix=f"lf-eval-{step:06d}-")
+    handed_over = False
+    try:
+        with trainer.ema_weights() as unet:
+            evaluation = evaluator.evaluate(unet, step, out_dir)
+        metrics.update({k: float(v) for k, v in evaluation.metrics.items()})
+        if run is not None and evaluation.artifacts:
+            from concurrent.futures import ThreadPoolExecutor
 
-                artifact_pool = artifact_pool or ThreadPoolExecutor(1, thread_name_prefix="mlflow-artifacts")
-                for path in evaluation.artifacts:
-                    artifact_pool.submit(run.log_artifact, path, f"eval/step_{step:06d}")
-        except Exception as exc:  # noqa: BLE001 - an eval failure must not stop training
-            log.warning("in-training eval at step %d failed: %s: %s", step, type(exc).__name__, exc)
+            artifact_pool = artifact_pool or ThreadPoolExecutor(1, thread_name_prefix="mlflow-artifacts")
+            artifact_pool.submit(_upload_then_remove, run, out_dir, evaluation.artifacts, step)
+            handed_over = True
+    except Exception as exc:  # noqa: BLE001 - an eval failure must not stop training
+        failures.record(step, exc)
+    finally:
+        if not handed_over:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    metrics["eval/failures"] = float(failures.count)
     return metrics, artifact_pool
 
 
@@ -192,6 +204,7 @@ class WorkerRun:
         self.policy = CheckpointPolicy(config.checkpoint_every, config.steps)
         self.resumes = 0
         self.run = self.metrics_logger = self.evaluator = self.artifact_pool = None
+        self.eval_failures = EvalFailures()
         self.val_batches: list[dict[str, Any]] = []
         self.window = self._new_window()
         self.totals = {"time": 0.0, "wait": 0.0, "samples": 0}
@@ -231,7 +244,7 @@ class WorkerRun:
         """Rank 0 only: reattach the MLflow run, load the validation batches, start the evaluator."""
         if self.rank != 0:
             return
-        if self.mlflow_run_id:
+        if self.config.mlflow and self.mlflow_run_id:  # a checkpoint may name a run; --no-mlflow wins
             self.run = StageRun("train", run_id=self.mlflow_run_id)
             self.run.__enter__()  # reattach only; the driver ends the run
             self.metrics_logger = AsyncMetricLogger(self.run)
@@ -325,7 +338,7 @@ class WorkerRun:
 
     def _evaluate(self, step: int) -> None:
         metrics, self.artifact_pool = evaluate_step(self.trainer, step, self.val_batches, self.evaluator, self.run,
-                                                    self.artifact_pool)
+                                                    self.artifact_pool, self.eval_failures)
         if metrics:
             if self.metrics_logger is not None:
                 self.metrics_logger.log(metrics, step=step)
@@ -351,6 +364,7 @@ class WorkerRun:
             "data_wait_share": totals["wait"] / totals["time"] if totals["time"] else 0.0,
             "steps_this_attempt": steps_done, "seconds_this_attempt": elapsed,
             "skipped_steps": trainer.skipped_steps, "resumes": self.resumes, "optimizer": trainer.optimizer_kind,
+            "eval_failures": self.eval_failures.count, "eval_last_failure": self.eval_failures.last,
         }
         if self.trace.path:
             self.trace.write(event="final", step=trainer.step, weights_sha256=_weights_digest(trainer.raw_model),
@@ -363,18 +377,25 @@ class WorkerRun:
         from latentforge.training.export import write_export
 
         trainer, lc = self.trainer, self.loop_config
+        summary["metrics_dropped"] = self._flush_tracking()
         write_export(lc["export_uri"], trainer.export_model(), trainer.noise_scheduler, self.config.data,
                      lc["data_digest"], self.manifest, lc["config"], trainer.step, self.mlflow_run_id,
                      counts={"steps": trainer.step, "skipped_steps": trainer.skipped_steps,
                              "samples_seen": trainer.samples_seen},
                      extra={"summary": summary, "beta_schedule": self.config.beta_schedule})
+        say(f"train: finished at step {trainer.step} ({trainer.skipped_steps} skipped); export at {lc['export_uri']}")
+
+    def _flush_tracking(self) -> int:
+        """Wait for the eval uploads and the queued metrics; returns the metric values MLflow never took."""
         if self.artifact_pool is not None:
             self.artifact_pool.shutdown(wait=True)
-        if self.metrics_logger is not None:
-            self.metrics_logger.close()
-            if self.metrics_logger.dropped:
-                log.warning("%d metric values were dropped (tracking queue full)", self.metrics_logger.dropped)
-        say(f"train: finished at step {trainer.step} ({trainer.skipped_steps} skipped); export at {lc['export_uri']}")
+        if self.metrics_logger is None:
+            return 0
+        self.metrics_logger.close()
+        if self.metrics_logger.dropped:
+            log.warning("%d metric values never reached MLflow (an outage or a full queue; see the warnings above)",
+                        self.metrics_logger.dropped)
+        return self.metrics_logger.dropped
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from latentforge.config import ConfigError
+from latentforge.tracking import TrackingOptions
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(TrackingOptions):
     """The whole pipeline on generated scenes: ingest -> precompute -> train -> generate/evaluate."""
 
     out: str = "demo_output"

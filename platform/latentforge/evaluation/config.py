@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from latentforge.evaluation.fid import INCEPTION_SHA256
 from latentforge.generation.config import DTYPES
 from latentforge.generation.sampler import TEXT_STATE_MODES, canonical_sampler
+from latentforge.tracking import TrackingOptions
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(TrackingOptions):
     """Score a trained model on an eval set: FID and CLIP score, logged into the training run."""
 
     model: str = ""
@@ -51,8 +52,6 @@ class EvaluateConfig:
     """cpu | cuda | auto."""
     dtype: str = "fp32"
     """fp32 | fp16 | bf16 for the sampler."""
-    mlflow: bool = True
-    """Track this evaluation as its own MLflow run too."""
     run_name: str | None = None
     """MLflow run name (default: evaluate-<run or export name>)."""
 

@@ -10,6 +10,10 @@ their weights are configured, computes FID on `num_fid_samples` captions of the 
 the training latents) and the CLIP score of the prompt samples. The text encoder, VAE, metric
 models and prompt embeddings are loaded once, in the constructor. The UNet is used as given (its
 device/dtype) in eval mode under no_grad, and put back in the mode it was in.
+
+`check_can_start` is what the driver runs before any worker starts: every file and name the
+evaluator will load, checked without loading a model, so a misconfigured eval is one clear line
+at config time rather than a warning deep in a worker's log.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from latentforge.config import ConfigError
 from latentforge.evaluation.fid import INCEPTION_SHA256
 
 log = logging.getLogger(__name__)
@@ -123,7 +128,6 @@ class TrainingEvaluator:
             from latentforge.evaluation.eval_set import open_eval_set
 
             self.eval_set = open_eval_set(source)
-        self._prompt_cache: dict[str, Any] = {}
 
     def _sampler(self, unet: Any) -> Any:
         from latentforge.generation.sampler import Sampler
@@ -172,3 +176,83 @@ class TrainingEvaluator:
         finally:
             if was_training:
                 unet.train()
+
+
+@dataclass
+class EvalFailures:
+    """In-training evals that raised: counted (the `eval/failures` metric) with the last reason, for the summary."""
+
+    count: int = 0
+    last: str = ""
+
+    def record(self, step: int, exc: BaseException) -> None:
+        self.count += 1
+        self.last = f"step {step}: {type(exc).__name__}: {exc}"
+        log.warning("in-training eval failed at %s (%d failure(s) so far)", self.last, self.count)
+
+
+class UnavailableEvaluator:
+    """Stands in for an evaluator that could not start on the worker: every eval fails, and is counted, with why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def evaluate(self, unet: Any, step: int, out_dir: str) -> EvalResult:
+        raise RuntimeError(f"the evaluator could not start: {self.reason}")
+
+
+def check_can_start(config: InTrainingEvalConfig, data_dir: str | None, data_manifest: Any) -> None:
+    """Raise ConfigError naming what `TrainingEvaluator` could not load; loads no model."""
+    from latentforge.manifest import Manifest
+
+    manifest = data_manifest if isinstance(data_manifest, Manifest) else Manifest(**dict(data_manifest))
+    try:
+        _check_text_encoder(manifest.models.get("text_encoder") or {})
+        _check_vae(manifest.models.get("vae") or {})
+        if config.clip_model:
+            _check_open_clip(config.clip_model, config.clip_weights, "the CLIP score model")
+        if config.fid_weights:
+            _check_fid(config, data_dir)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # FidWeightsError, ManifestError: Runtime
+        raise ConfigError(f"in-training eval cannot start: {exc}") from exc
+
+
+def _check_text_encoder(record: Mapping[str, Any]) -> None:
+    if not record.get("name"):
+        raise ValueError("the data manifest records no text encoder (models.text_encoder.name)")
+    _check_open_clip(record["name"], record.get("weights"), "the data's text encoder")
+
+
+def _check_open_clip(name: str, weights: str | None, what: str) -> None:
+    import open_clip
+
+    from latentforge.models.text_encoder import register_package_configs
+
+    register_package_configs()
+    if name not in open_clip.list_models():
+        raise ValueError(f"{what}: open_clip knows no model {name!r}")
+    if not weights or weights in open_clip.list_pretrained_tags_by_model(name):
+        return
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{what}: weights {weights!r} are neither a file here nor a pretrained tag of {name}")
+
+
+def _check_vae(record: Mapping[str, Any]) -> None:
+    if record.get("type") == "patchify":
+        return
+    model_id = record.get("id") or ""
+    # A hub id (org/repo[/subfolder]) is fetched or found in the cache by diffusers; a path must exist.
+    if not model_id or (model_id.startswith(("/", ".")) and not os.path.isdir(model_id)):
+        raise FileNotFoundError(f"the data's VAE {model_id!r} is not a directory here")
+
+
+def _check_fid(config: InTrainingEvalConfig, data_dir: str | None) -> None:
+    from latentforge.evaluation.eval_set import open_eval_set
+    from latentforge.evaluation.fid import DOWNLOAD, verify_inception_weights
+
+    if config.fid_weights != DOWNLOAD:
+        verify_inception_weights(config.fid_weights, config.fid_weights_sha256)
+    source = config.eval_set or data_dir
+    if not source:
+        raise ValueError("FID needs eval_set or the training data dir")
+    open_eval_set(source)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from latentforge.generation.sampler import SAMPLERS, TEXT_STATE_MODES, canonical_sampler
+from latentforge.tracking import TrackingOptions
 
 DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(TrackingOptions):
     """Generate images from a trained export (txt2img, or img2img with --init-image)."""
 
     model: str = ""
@@ -55,8 +56,6 @@ class GenerateConfig:
     """Ray mode: CPUs per sampler actor."""
     grid_max: int = 64
     """At most this many images (the first ones) on the contact sheet."""
-    mlflow: bool = True
-    """Log the run to MLflow."""
     run_name: str | None = None
     """MLflow run name (default: generate-<out dir name>)."""
     progress: bool = True

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from latentforge.config import ConfigError
+from latentforge.tracking import TrackingOptions
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrackingOptions):
     """Train a latent-diffusion UNet on precomputed latents with Ray Train + Accelerate."""
 
     data: str = ""
@@ -136,8 +137,21 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError("mixed_precision fp16 needs --use-gpu (use bf16 or no on CPU)")
-        if self.eval_seeds is not None and self.eval_prompts and len(self.eval_seeds) != len(self.eval_prompts):
-            raise ConfigError(f"eval_seeds has {len(self.eval_seeds)} entries for {len(self.eval_prompts)} prompts")
+        self._check_eval()
+
+    def _check_eval(self) -> None:
+        """In-training eval settings that could not work, refused here instead of warned about in a worker."""
+        if (self.eval_fid_weights or self.eval_clip_model or self.eval_set) and not self.eval_prompts:
+            raise ConfigError("--eval-fid-weights, --eval-clip-model and --eval-set need --eval-prompts "
+                              "(the in-training eval runs only with prompts)")
+        if not self.eval_prompts:
+            return
+        if self.eval_every == 0:
+            raise ConfigError("--eval-prompts needs --eval-every N > 0 (0 turns the in-training eval off)")
+        try:
+            self.eval_config()
+        except ValueError as exc:
+            raise ConfigError(f"in-training eval: {exc}") from exc
 
     @property
     def samples_per_step(self) -> int:
@@ -149,10 +163,7 @@ class TrainConfig:
         return self.samples_per_step * self.num_workers
 
     def eval_config(self) -> Any:
-        """`latentforge.evaluation.in_training.InTrainingEvalConfig` from the eval_* fields.
-
-        Raises ImportError when the evaluation module is not installed; the caller decides.
-        """
+        """`latentforge.evaluation.in_training.InTrainingEvalConfig` from the eval_* fields."""
         from latentforge.evaluation.in_training import InTrainingEvalConfig
 
         return InTrainingEvalConfig(
