@@ -25,6 +25,26 @@ def test_min_snr_weights_epsilon_and_v() -> None:
         objective.min_snr_weights(snr, 5.0, "sample")
 
 
+SCHEDULES = sorted(objective.BETA_RANGES)
+
+
+@pytest.mark.parametrize("beta_schedule", SCHEDULES)
+@pytest.mark.parametrize("prediction_type", objective.PREDICTION_TYPES)
+def test_min_snr_weights_equal_diffusers_compute_snr_weights(beta_schedule: str, prediction_type: str) -> None:
+    # The weighting of diffusers' train_text_to_image.py (--snr_gamma), at every timestep.
+    from diffusers.training_utils import compute_snr
+
+    sched = objective.make_scheduler(beta_schedule, prediction_type)
+    t, gamma = torch.arange(sched.config.num_train_timesteps), 5.0
+    reference_snr = compute_snr(sched, t)
+    clipped = torch.stack([reference_snr, gamma * torch.ones_like(reference_snr)], dim=1).min(dim=1)[0]
+    expected = clipped / reference_snr if prediction_type == "epsilon" else clipped / (reference_snr + 1)
+    ours = objective.min_snr_weights(objective.snr(sched, t), gamma, prediction_type)
+    torch.testing.assert_close(objective.snr(sched, t), reference_snr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+    assert (ours < 1).any() and (ours > 0).all()  # gamma really clips somewhere, nothing is zeroed
+
+
 def test_snr_matches_alphas_cumprod_and_falls_with_t() -> None:
     sched = objective.make_scheduler("scaled_linear")
     t = torch.tensor([0, 500, 999])
@@ -48,16 +68,27 @@ def test_offset_noise_adds_a_per_channel_constant() -> None:
     assert float(offset.mean(dim=(2, 3)).std()) > 0.4
 
 
-def test_targets_epsilon_and_velocity() -> None:
-    latents = torch.randn(3, 4, 8, 8, generator=gen(2))
-    noise = torch.randn(3, 4, 8, 8, generator=gen(3))
-    t = torch.tensor([10, 400, 900])
-    eps_sched = objective.make_scheduler(prediction_type="epsilon")
+@pytest.mark.parametrize("beta_schedule", SCHEDULES)
+def test_targets_epsilon_and_velocity_are_the_closed_forms(beta_schedule: str) -> None:
+    # v = alpha_t * eps - sigma_t * x0 with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), in float64
+    # from the scheduler's own alphas_cumprod; and x_t = alpha_t * x0 + sigma_t * eps (what the UNet sees).
+    latents = torch.randn(4, 4, 8, 8, generator=gen(2))
+    noise = torch.randn(4, 4, 8, 8, generator=gen(3))
+    t = torch.tensor([0, 10, 400, 999])
+    eps_sched = objective.make_scheduler(beta_schedule, prediction_type="epsilon")
     assert torch.equal(objective.training_target(eps_sched, latents, noise, t), noise)
-    v_sched = objective.make_scheduler(prediction_type="v_prediction")
-    a = v_sched.alphas_cumprod[t].view(-1, 1, 1, 1)
-    expected = a.sqrt() * noise - (1 - a).sqrt() * latents
-    assert torch.allclose(objective.training_target(v_sched, latents, noise, t), expected, atol=1e-6)
+    v_sched = objective.make_scheduler(beta_schedule, prediction_type="v_prediction")
+    abar = v_sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    expected_v = alpha * noise.double() - sigma * latents.double()
+    v = objective.training_target(v_sched, latents, noise, t)
+    assert v.dtype == latents.dtype
+    torch.testing.assert_close(v.double(), expected_v, rtol=0, atol=1e-5)
+    noisy = v_sched.add_noise(latents, noise, t)
+    torch.testing.assert_close(noisy.double(), alpha * latents.double() + sigma * noise.double(), rtol=0, atol=1e-5)
+    # v parametrises both: x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v (alpha^2 + sigma^2 = 1).
+    torch.testing.assert_close(alpha * noisy.double() - sigma * v.double(), latents.double(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(sigma * noisy.double() + alpha * v.double(), noise.double(), rtol=0, atol=1e-5)
 
 
 def test_beta_schedule_is_configurable() -> None:

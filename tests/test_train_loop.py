@@ -19,6 +19,7 @@ from latentforge.training.config import TrainConfig
 from latentforge.training.loop import CheckpointPolicy, DiffusionTrainer, warmup_cosine
 from latentforge.models.unet import resolve_unet_config
 from tests.harness.latent_shards import write_latent_dataset
+from tests.harness.two_rank_train import PerSampleNoise, slice_batch, train_on_two_ranks
 
 WIDTH = 32
 
@@ -137,20 +138,95 @@ def test_non_finite_loss_skips_the_step_and_is_never_checkpointed(latents) -> No
 
 
 def test_checkpoint_round_trip_is_bitwise(latents, tmp_path) -> None:
+    # Same machine, same path: a resume continues bit for bit, the EMA weights included.
     a = make_trainer(latents, cfg_dropout=0.5, offset_noise=0.1, snr_gamma=5.0)
     data = batches(latents, a)
     for batch in data[:3]:
         a.train_step([batch])
     a.save(str(tmp_path / "ck"), {"position": 24})
+    saved_ema = [s.clone() for s in a.ema.shadow_params]
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert all(n.endswith((".json", ".safetensors")) for n in names) and "optimizer.safetensors" in names
     expected = [a.train_step([batch]).loss for batch in data[3:5]]
     b = make_trainer(latents, cfg_dropout=0.5, offset_noise=0.1, snr_gamma=5.0)
+    assert not all(torch.equal(x, y) for x, y in zip(saved_ema, b.ema.shadow_params))
     state = b.load(str(tmp_path / "ck"))
     assert state["step"] == 3 and state["position"] == 24
+    assert b.ema.optimization_step == 3 and all(torch.equal(x, y) for x, y in zip(saved_ema, b.ema.shadow_params))
     resumed = [b.train_step([batch]).loss for batch in data[3:5]]
     assert resumed == expected  # bitwise on CPU
     assert all(torch.equal(x, y) for x, y in zip(params(a.raw_model), params(b.raw_model)))
+    assert all(torch.equal(x, y) for x, y in zip(a.ema.shadow_params, b.ema.shadow_params))
+
+
+def test_one_ema_update_is_the_decay_formula(latents) -> None:
+    # diffusers EMAModel's schedule: with n updates before this one, decay = 0 for the first (it copies
+    # the weights), then min(ema_decay, (1 + n) / (10 + n)); ema <- decay * ema + (1 - decay) * weights.
+    trainer = make_trainer(latents, ema_decay=0.2)
+    data = batches(latents, trainer)
+    ema = params(trainer.raw_model)
+    assert all(torch.equal(e, s) for e, s in zip(ema, trainer.ema.shadow_params))
+    for n, batch in enumerate(data[:3]):
+        assert not trainer.train_step([batch]).skipped
+        decay = min(0.2, (1 + n) / (10 + n)) if n else 0.0  # 0, 2/11 (warm-up), then capped at 0.2
+        ema = [decay * e + (1 - decay) * w for e, w in zip(ema, params(trainer.raw_model))]
+        for expected, shadow in zip(ema, trainer.ema.shadow_params):
+            torch.testing.assert_close(shadow, expected, rtol=1e-6, atol=1e-6)
+    assert trainer.ema.cur_decay_value == pytest.approx(0.2)
+    assert any(not torch.equal(e, w) for e, w in zip(trainer.ema.shadow_params, params(trainer.raw_model)))
+
+
+def test_loss_is_the_closed_form_objective(latents) -> None:
+    # v-prediction with min-SNR-gamma: the UNet sees x_t = alpha x0 + sigma eps, is scored against
+    # v = alpha eps - sigma x0, weighted min(snr, gamma) / (snr + 1) per sample (diffusers' compute_snr).
+    from diffusers.training_utils import compute_snr
+
+    trainer = make_trainer(latents, prediction_type="v_prediction", snr_gamma=2.0, cfg_dropout=0.0)
+    batch = batches(latents, trainer)[0]
+    loss = trainer.compute_loss(batch, generator=torch.Generator().manual_seed(5))
+    draws = torch.Generator().manual_seed(5)  # the same draws, in compute_loss's order: noise, then timesteps
+    x0 = batch["latents"]
+    eps = torch.randn(x0.shape, generator=draws)
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=draws)
+    abar = trainer.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    with torch.no_grad():
+        pred = trainer.raw_model(alpha * x0 + sigma * eps, t, encoder_hidden_states=batch["text"],
+                                 encoder_attention_mask=batch["mask"]).sample
+    snr = compute_snr(trainer.noise_scheduler, t)
+    weights = torch.clamp(snr, max=2.0) / (snr + 1)
+    expected = (weights * (pred - (alpha * eps - sigma * x0)).pow(2).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert (weights < snr / (snr + 1) - 1e-3).any()  # gamma clips at least one sample of this batch
+
+
+@pytest.mark.slow  # two spawned processes import torch, diffusers and accelerate
+def test_grad_accumulation_on_two_ranks_equals_one_rank_with_the_whole_batch(latents, tmp_path,
+                                                                             monkeypatch) -> None:
+    # 2 ranks x 2 micro-batches x 2 samples per optimizer step vs 1 rank x 1 batch of 8: DDP averages
+    # over ranks, accumulation over micro-batches, so the gradient, its clipped norm and the weights
+    # must agree. adam_eps 1 keeps the AdamW update smooth in the gradient (with 1e-8 the first step
+    # is ~lr * sign(g), blind to a gradient off by a factor and touchy for gradients near 0).
+    PerSampleNoise().install(monkeypatch.setattr)
+    settings = dict(ema_decay=0.0, cfg_dropout=0.0, adam_eps=1.0, lr=5e-2, warmup_steps=0, grad_clip=1.0)
+    whole = make_trainer(latents, batch_size=8, **settings)
+    big_batches = batches(latents, whole)[:2]
+    single = [vars(whole.train_step([b])) for b in big_batches]
+    split = make_trainer(latents, batch_size=2, grad_accum=2, num_workers=2, **settings)
+    per_rank = [[[slice_batch(b, 4 * rank, 4 * rank + 2), slice_batch(b, 4 * rank + 2, 4 * rank + 4)]
+                 for b in big_batches] for rank in range(2)]
+    weights, results = train_on_two_ranks(per_rank, split.config, split.unet_config, split.empty_text,
+                                          tmp_path / "ranks")
+    for one, two in zip(single, results):
+        assert not one["skipped"] and not two["skipped"]
+        assert two["global_loss"] == pytest.approx(one["global_loss"], rel=1e-5)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    assert single[0]["grad_norm"] > 1.0  # the clip is active: it must see the synced, accumulated gradient
+    moved = 0.0
+    for name, value in whole.raw_model.state_dict().items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float((value - split.raw_model.state_dict()[name]).abs().max()))
+    assert moved > 1e-3  # the two steps really changed the weights (1000x the tolerance)
 
 
 class _Payload:
