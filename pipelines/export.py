@@ -46,6 +46,10 @@ def export_to(source: Source, config: ExportConfig) -> str:
         from latentforge.export.diffusers_folder import write_diffusers_folder
 
         return str(write_diffusers_folder(source, _local(out), config.sampler))
+    if config.format == "single-file":
+        from latentforge.export.single_file import write_single_file
+
+        return write_single_file(source, _local(out), config.title, config.dtype)
     raise ExportRefused(f"format {config.format!r} is not available")
 
 
