@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import email.utils
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import tracemalloc
 
 import pytest
 
-from latentforge.ingest.download import Fetcher, FetchSettings, is_opted_out, parse_retry_after
+from latentforge.ingest.download import Fetcher, FetchResult, FetchSettings, is_opted_out, parse_retry_after
 from latentforge.ingest.safety import AddressPolicy
+
+
+def fetch_concurrently(f: Fetcher, urls: list[str]) -> list[FetchResult]:
+    """Every URL fetched on a thread of its own, all at once."""
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        return list(pool.map(f.fetch, urls))
 
 
 def fetcher(**settings) -> Fetcher:
@@ -170,12 +176,7 @@ def test_opt_out_parser_reads_every_header_value() -> None:
 def test_per_host_concurrency_cap(http_server) -> None:
     url = http_server.image("/slow.jpg", delay_s=0.3)
     f = fetcher(max_per_host=2)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(f.fetch(url))) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = fetch_concurrently(f, [url] * 6)
     assert all(r.status == "ok" for r in results)
     assert http_server.max_in_flight == 2
 
@@ -185,17 +186,12 @@ def test_per_host_cap_holds_for_redirect_targets(http_server, second_server) -> 
     direct = second_server.image("/slow.jpg", delay_s=0.3)
     via = http_server.route("/hop", redirect=direct)
     f = fetcher(max_per_host=2)
-    results = []
-    threads = [threading.Thread(target=lambda u=u: results.append(f.fetch(u))) for u in [direct, via] * 4]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = fetch_concurrently(f, [direct, via] * 4)
     assert [r.status for r in results] == ["ok"] * 8
     assert second_server.max_in_flight == 2
 
 
-def test_every_resolved_address_is_tried(http_server, second_server) -> None:
+def test_every_resolved_address_is_tried(http_server) -> None:
     # images.test resolves to 127.0.0.3 (nothing listens: refused) and then to the server's address.
     url = http_server.image("/a.jpg").replace("127.0.0.1", "images.test")
     names = ["127.0.0.3", "127.0.0.1"]
