@@ -27,10 +27,28 @@ def kl_model(kl_export):
     return load_export(str(kl_export.dir))
 
 
-def test_ddim_matches_stable_diffusion_pipeline(kl_model) -> None:
+@pytest.fixture(scope="module")
+def v_model(tmp_path_factory):
+    export = build_tiny_export(tmp_path_factory.mktemp("v_export"), vae="autoencoder_kl", resolution=32,
+                               prediction_type="v_prediction")
+    return load_export(str(export.dir))
+
+
+def diffusers_pipeline(cls, model, sampler_name: str = "ddim"):
+    """A diffusers pipeline of `cls` on the same UNet, VAE module and scheduler config (no text encoder)."""
+    pipe = cls(vae=model.sampler().vae.model, text_encoder=None, tokenizer=None, unet=model.unet,
+               scheduler=make_scheduler(sampler_name, model.scheduler_config), safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("model_name", ["kl_model", "v_model"])
+def test_ddim_matches_stable_diffusion_pipeline(model_name, request) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    sampler = kl_model.sampler(text_states="full")
+    model = request.getfixturevalue(model_name)
+    sampler = model.sampler(text_states="full")
     prompts, seeds = ["a red circle at the top", "two blue squares"], [3, 11]
     params = SampleParams(sampler="ddim", steps=12, guidance=3.5, height=32, width=32)
     ours = np.stack([img.array for img in sampler.txt2img(prompts, seeds, params, batch_size=2)])
@@ -39,18 +57,78 @@ def test_ddim_matches_stable_diffusion_pipeline(kl_model) -> None:
     cond = sampler.encode_text(prompts)
     uncond = sampler.encode_text([""] * len(prompts))
     assert cond.states.shape[1] == sampler.text_encoder.context_length and cond.mask is None
-    scheduler = make_scheduler("ddim", kl_model.scheduler_config)
-    assert isinstance(scheduler, DDIMScheduler)
-    pipe = StableDiffusionPipeline(vae=sampler.vae.model, text_encoder=None, tokenizer=None, unet=kl_model.unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(StableDiffusionPipeline, model)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.prediction_type == model.scheduler_config["prediction_type"]
     theirs = pipe(prompt_embeds=cond.states, negative_prompt_embeds=uncond.states, guidance_scale=3.5,
                   num_inference_steps=12, height=32, width=32, output_type="np",
                   generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     assert ours.shape == theirs.shape == (2, 32, 32, 3)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)  # bitwise equal on this machine
     assert np.abs(ours[0] - ours[1]).max() > 1e-3  # prompts/seeds really differ
+
+
+def test_v_prediction_export_samples_with_the_closed_form_ddim_update(v_model) -> None:
+    # Deterministic DDIM (eta 0) in closed form for a v-predicting UNet, alpha = sqrt(abar), sigma = sqrt(1 - abar):
+    # x0 = alpha_t x - sigma_t v, eps = sigma_t x + alpha_t v, x <- alpha_prev x0 + sigma_prev eps,
+    # with abar_prev = 1 after the last step (set_alpha_to_one).
+    from diffusers.utils.torch_utils import randn_tensor
+
+    sampler = v_model.sampler()
+    for name in ("ddpm", "ddim", "dpmsolver++", "euler"):
+        assert make_scheduler(name, v_model.scheduler_config).config.prediction_type == "v_prediction", name
+    cond = sampler.encode_text(["a green triangle on the left"])
+    params = SampleParams(sampler="ddim", steps=4, guidance=1.0)
+    ours = sampler.denoise(cond, None, [7], params)
+
+    abar = make_scheduler("ddim", v_model.scheduler_config).alphas_cumprod.double()
+    x = randn_tensor(ours.shape, generator=[torch.Generator().manual_seed(7)], dtype=torch.float32).double()
+    timesteps = [751, 501, 251, 1]  # 4 "leading" steps of 1000, steps_offset 1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [None]):
+        v = sampler.unet(x.float(), t, encoder_hidden_states=cond.states, encoder_attention_mask=cond.mask).sample
+        alpha, sigma = abar[t].sqrt(), (1 - abar[t]).sqrt()
+        x0, eps = alpha * x - sigma * v.double(), sigma * x + alpha * v.double()
+        prev = abar[t_prev] if t_prev is not None else torch.tensor(1.0, dtype=torch.float64)
+        x = prev.sqrt() * x0 + (1 - prev).sqrt() * eps
+    torch.testing.assert_close(ours.double(), x, rtol=0, atol=1e-4)
+    # Read as epsilon, the same UNet outputs give other latents: the export's prediction_type is what counts.
+    misread = v_model.sampler()
+    misread.scheduler_config["prediction_type"] = "epsilon"
+    assert (misread.denoise(cond, None, [7], params) - ours).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.7])
+@pytest.mark.parametrize("sampler_name", ["ddim", "euler", "dpmsolver++"])
+def test_img2img_matches_stable_diffusion_img2img_pipeline(kl_model, strength, sampler_name) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+    from PIL import Image
+
+    from latentforge.generation.sampler import image_to_pixels
+
+    sampler = kl_model.sampler(text_states="full")
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    prompts, seeds = ["a red circle at the top", "two blue squares"], [3, 11]
+    params = SampleParams(sampler=sampler_name, steps=10, guidance=3.5)
+    ours = np.stack([img.array for img in sampler.img2img(init, prompts, seeds, strength, params, batch_size=2)])
+
+    # Our encoder's latents are the VAE posterior's mean, scaled: diffusers' own "argmax" encode. They go
+    # in as `image` (4 channels = latents to the pipeline), so the seeds draw only the noise, as ours do.
+    pixels = image_to_pixels(init, 32, 32)
+    init_latents = sampler.vae.encode(pixels, mode="mean")
+    vae = sampler.vae.model
+    reference = retrieve_latents(vae.encode(pixels), sample_mode="argmax") * vae.config.scaling_factor
+    torch.testing.assert_close(init_latents, reference, rtol=0, atol=1e-6)
+    cond, uncond = sampler.encode_text(prompts), sampler.encode_text([""] * len(prompts))
+    pipe = diffusers_pipeline(StableDiffusionImg2ImgPipeline, kl_model, sampler_name)
+    theirs = pipe(prompt_embeds=cond.states, negative_prompt_embeds=uncond.states,
+                  image=init_latents.repeat(len(prompts), 1, 1, 1), strength=strength, guidance_scale=3.5,
+                  num_inference_steps=10, output_type="np",
+                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    assert ours.shape == theirs.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    init_array = np.asarray(init, dtype=np.float32) / 255
+    assert np.abs(ours[0] - init_array).max() > 1e-3 and np.abs(ours[0] - ours[1]).max() > 1e-3
 
 
 def test_img2img_endpoints_and_determinism(kl_model, tmp_path) -> None:
