@@ -37,10 +37,6 @@ from pipelines.train_worker import train_worker
 
 log = logging.getLogger("latentforge.train")
 
-FAULT_ENV = "LATENTFORGE_FAULT_KILL_AT"
-"""Test hook: "RANK:STEP:MARKER" makes worker RANK SIGKILL itself after STEP, once (MARKER file)."""
-
-
 @dataclass
 class TrainResult:
     run_name: str
@@ -202,7 +198,7 @@ def run(config: TrainConfig) -> TrainResult:
             "config": resolved, "unet_config": unet_config, "manifest": manifest.to_dict(), "plan": plan.to_dict(),
             "data_digest": digest, "mlflow_run_id": run.run_id,
             "tracking_uri": tracking_uri() if config.mlflow else None,  # tracking_uri() makes ./mlruns
-            "export_uri": export_uri, "fault": os.environ.get(FAULT_ENV),
+            "export_uri": export_uri,
         }
         ingest = DataConfig.default_ingest_options()
         ingest.preserve_order = True  # the per-rank order must be the file order (exact resume)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -155,26 +154,6 @@ def evaluate_step(trainer: Any, step: int, val_batches: list[dict[str, Any]], ev
     return metrics, artifact_pool
 
 
-def _wait_until_registered(config: TrainConfig, step: int, timeout_s: float = 60.0) -> None:
-    """Fault-injection helper: wait until Ray Train has registered the checkpoint of `step`.
-
-    Ray Train collects reports on its health-check poll (every 2 s); a worker that dies inside
-    that window loses the newest checkpoint and the run restarts from the one before (still an
-    exact resume, only further back). The test wants "killed after a checkpoint", so it waits.
-    """
-    path = os.path.join(config.storage_path, config.run_name, "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with open(path) as handle:
-                latest = json.load(handle).get("latest_checkpoint_result") or {}
-            if (latest.get("metrics") or {}).get("step") == step:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-
-
 class WorkerRun:
     """One attempt of one rank: set-up (with resume), the step loop, and the final export."""
 
@@ -317,8 +296,6 @@ class WorkerRun:
             self.save_checkpoint({"step": result.step, "loss": result.global_loss})
         if self.rank == 0 and config.eval_every > 0 and result.step % config.eval_every == 0:
             self._evaluate(result.step)
-        if self.loop_config.get("fault"):
-            self._maybe_inject_fault(result.step)
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -332,6 +309,8 @@ class WorkerRun:
                 "mlflow_run_id": self.mlflow_run_id, "resumes": self.resumes, "config": self.loop_config["config"],
                 "data_dir": self.config.data, "data_manifest_sha256": self.loop_config["data_digest"],
             }, write_shared=self.rank == 0)
+            if self.metrics_logger is not None:  # a restart from here never re-runs (re-logs) the steps before
+                self.metrics_logger.flush()
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -343,16 +322,6 @@ class WorkerRun:
             if self.metrics_logger is not None:
                 self.metrics_logger.log(metrics, step=step)
             say(f"train: eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-    def _maybe_inject_fault(self, step: int) -> None:
-        """Tests: SIGKILL this worker once, right after `step`, once its last checkpoint is registered."""
-        kill_rank, kill_step, marker = self.loop_config["fault"].split(":", 2)
-        if self.rank == int(kill_rank) and step == int(kill_step) and not os.path.exists(marker):
-            open(marker, "w").close()
-            every = self.config.checkpoint_every
-            _wait_until_registered(self.config, (step // every) * every)
-            say(f"train: fault injection: killing worker rank {self.rank} (pid {os.getpid()}) after step {step}")
-            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- the end -----------------------------------------------------------------------------------
     def finish(self, last: Any, steps_done: int, elapsed: float) -> None:

@@ -5,7 +5,8 @@ with RAY_ADDRESS pointing at it; the test then checks the traces, checkpoints, e
 
   A  uninterrupted: 2 workers SPREAD over the 2 nodes, uneven shards (30 + 10 samples), 6 steps
      crossing an epoch boundary -> identical weights on both ranks, no hang
-  B  same settings, but worker rank 1 is SIGKILLed right after step 4 (checkpoint at step 3):
+  B  same settings, but worker rank 1 is SIGKILLed (by the test, pid from its trace) right after
+     step 4 (checkpoint at step 3):
      FailureConfig restarts the group from step 3; steps 4-6 reproduce A bit for bit, no sample
      is seen twice in the epoch, and it is all one MLflow run
   C  rerun of B's run name with --steps 8: resumes from B's last checkpoint (step 6), same MLflow run
@@ -17,8 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,23 @@ def _args(work: Path, run_name: str, steps: int = STEPS) -> list[str]:
             "--max-failures", "1", "--trace-dir", str(work / "trace" / run_name)]
 
 
+def _kill_worker_after_step(trace: Path, step: int, marker: Path, done: threading.Event) -> None:
+    """The fault of run B, from outside: SIGKILL the worker writing `trace` once it has logged `step`.
+
+    The worker's pid is in its trace's "start" event. Ray Train registers a reported checkpoint
+    on its health-check poll, which the subprocess runs every 0.1 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S),
+    so the checkpoint of step 3 is registered by the time step 4 is logged.
+    """
+    while not done.is_set():
+        lines = trace.read_text().split("\n")[:-1] if trace.exists() else []  # whole lines only
+        events = [json.loads(line) for line in lines]
+        if any(e["event"] == "step" and e["step"] == step for e in events):
+            os.kill([e["pid"] for e in events if e["event"] == "start"][-1], signal.SIGKILL)
+            marker.touch()
+            return
+        time.sleep(0.01)
+
+
 def _cluster_main(work: Path) -> None:
     """Subprocess body: the cluster and the three training runs."""
     sys.path[:0] = [str(REPO), str(REPO / "platform")]
@@ -49,9 +70,13 @@ def _cluster_main(work: Path) -> None:
     from jobs.train import main
 
     codes = {"A": main(_args(work, "A"))}
-    os.environ["LATENTFORGE_FAULT_KILL_AT"] = f"1:4:{work / 'killed_once'}"
+    done = threading.Event()
+    killer = threading.Thread(target=_kill_worker_after_step, args=(work / "trace" / "B" / "trace_rank1.jsonl", 4,
+                                                                   work / "killed_once", done), daemon=True)
+    killer.start()
     codes["B"] = main(_args(work, "B"))
-    del os.environ["LATENTFORGE_FAULT_KILL_AT"]
+    done.set()
+    killer.join()
     codes["C"] = main(_args(work, "B", steps=8))
     (work / "codes.json").write_text(json.dumps(codes))
     ray.shutdown()
@@ -75,6 +100,7 @@ def _attempts(events: list[dict]) -> list[list[dict]]:
 def cluster_runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("train_cluster")
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", RAY_USAGE_STATS_ENABLED="0",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "platform")]))
     env.pop("RAY_ADDRESS", None)
     env.pop("LATENTFORGE_PIPELINE_RUN_ID", None)

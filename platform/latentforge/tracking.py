@@ -374,6 +374,11 @@ class AsyncMetricLogger:
         while not self._queue.empty():  # the final flush, here so that close() can bound its wait
             self._drain()
 
+    def flush(self) -> None:
+        """Send what is queued, from the caller's thread; skipped during an outage (no waiting on retries)."""
+        while not self._in_outage and not self._queue.empty():
+            self._drain()
+
     def close(self, timeout_s: float = 60.0) -> None:
         """Flush what is queued and stop the thread; after `timeout_s` what is left counts as dropped."""
         self._stop.set()
