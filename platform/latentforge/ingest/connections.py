@@ -21,6 +21,7 @@ request; only a failure on a new connection counts as the attempt's failure.
 from __future__ import annotations
 
 import collections
+import functools
 import http.client
 import select
 import socket
@@ -28,7 +29,13 @@ import ssl
 import threading
 import time
 
-_SSL_CONTEXT = ssl.create_default_context()
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One verifying context per process, made on first use (loading CA certificates costs ms)."""
+    return ssl.create_default_context()
+
 
 #: Errors a request on a reused connection raises when the server had closed it while idle.
 STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -52,12 +59,12 @@ class PinnedHTTPSConnection(http.client.HTTPSConnection):
     """TLS to the already-checked address; the certificate is checked against the URL's host."""
 
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=_SSL_CONTEXT)
+        super().__init__(host, port, timeout=timeout, context=_ssl_context())
         self._address = address
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = _SSL_CONTEXT.wrap_socket(sock, server_hostname=self.host)
+        self.sock = _ssl_context().wrap_socket(sock, server_hostname=self.host)
 
 
 def bytes_follow(response: http.client.HTTPResponse, sock: socket.socket | None) -> bool:

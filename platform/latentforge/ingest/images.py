@@ -31,8 +31,6 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
-
 EXIF_ORIENTATION = 0x0112
 JPEG_SCALES = (8, 4, 2)   # the reductions libjpeg (cv2.IMREAD_REDUCED_COLOR_N) decodes directly
 _FILTER_ERRORS = ("image too small", "aspect ratio too large", "image area too large")
@@ -144,6 +142,7 @@ def _resizer_class() -> type:
         if package is None or not package.submodule_search_locations:
             raise ImportError("img2dataset is not installed")
         path = os.path.join(list(package.submodule_search_locations)[0], "resizer.py")
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # resizer.py imports albumentations, which phones home
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         sys.modules[name] = module

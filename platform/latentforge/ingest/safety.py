@@ -18,6 +18,7 @@ runs in (cloud metadata at 169.254.169.254, admin ports on 127.0.0.1). The rules
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +32,14 @@ ALLOWED_SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-# getaddrinfo has no timeout of its own; it runs here so a request's deadline still holds.
-_RESOLVER_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lf-dns")
+
+
+@functools.cache
+def _resolver_pool() -> ThreadPoolExecutor:
+    """getaddrinfo has no timeout of its own; it runs here so a request's deadline still holds.
+
+    Made on first use, not at import: importing the library starts no threads."""
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="lf-dns")
 
 
 class BlockedURL(Exception):
@@ -179,7 +186,7 @@ class AddressPolicy:
             if not self.allow_private:
                 raise BlockedURL(f"refused: {target.host} is a loopback name")
         lookup = self.resolver or _getaddrinfo
-        future = _RESOLVER_POOL.submit(lookup, target.host, target.port)
+        future = _resolver_pool().submit(lookup, target.host, target.port)
         try:
             names = future.result(timeout=max(timeout_s, 0.001))
         except FutureTimeout as exc:
