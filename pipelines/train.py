@@ -82,8 +82,13 @@ def _node_addresses() -> list[str]:
     return [n["NodeManagerAddress"] for n in _worker_nodes()]
 
 
-def _storage_seen_by_nodes(path: str) -> dict[str, bool]:
-    """Node address -> whether that node sees a marker file the driver writes under local `path`."""
+def _storage_view(path: str, marker: str) -> str:
+    """On a node: a key of runs.STORAGE_VIEWS for what it sees at the driver's storage path."""
+    return "same" if os.path.exists(marker) else "other" if os.path.isdir(path) else "missing"
+
+
+def _storage_views(path: str) -> dict[str, str]:
+    """Node address -> what that node sees at local `path`, judged by a marker file the driver writes."""
     import uuid
 
     import ray
@@ -94,9 +99,9 @@ def _storage_seen_by_nodes(path: str) -> dict[str, bool]:
     open(marker, "w").close()
     try:
         # num_cpus=0: the check must run even where training workers already hold every CPU.
-        probe = ray.remote(num_cpus=0)(os.path.exists)
+        probe = ray.remote(num_cpus=0)(_storage_view)
         refs = {n["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(marker) for n in _worker_nodes()}
+            n["NodeID"], soft=False)).remote(path, marker) for n in _worker_nodes()}
         return dict(zip(refs, ray.get(list(refs.values()), timeout=120)))
     finally:
         os.remove(marker)
@@ -163,7 +168,7 @@ def run(config: TrainConfig) -> TrainResult:
     nodes = _node_addresses()
     runs.check_storage(config.storage_path, nodes, config.storage_is_shared)
     if config.storage_is_shared and runs.is_local_path(config.storage_path) and len(set(nodes)) > 1:
-        runs.check_storage_seen(config.storage_path, _storage_seen_by_nodes(config.storage_path),
+        runs.check_storage_seen(config.storage_path, _storage_views(config.storage_path),
                                 ray.util.get_node_ip_address())
     if config.mlflow and len(set(nodes)) > 1 and tracking_uri().startswith("sqlite:"):
         log.warning("MLflow logs to a local sqlite file (%s) but the cluster spans several machines: rank 0 may "

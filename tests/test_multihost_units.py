@@ -64,6 +64,8 @@ def test_shared_storage_that_a_node_does_not_see_is_refused_naming_it() -> None:
     from latentforge.config import ConfigError
     from latentforge.training.runs import check_storage_seen
 
-    check_storage_seen("/mnt/nfs/runs", {"10.77.0.2": True, "10.77.0.3": True}, "10.77.0.1")
-    with pytest.raises(ConfigError, match=r"wrote there is not visible on 10\.77\.0\.3\. Mount"):
-        check_storage_seen("/mnt/nfs/runs", {"10.77.0.2": True, "10.77.0.3": False}, "10.77.0.1")
+    check_storage_seen("/mnt/nfs/runs", {"10.77.0.2": "same", "10.77.0.3": "same"}, "10.77.0.1")
+    with pytest.raises(ConfigError, match=r"do not see: 10\.77\.0\.3 \(no such directory\)\. Mount"):
+        check_storage_seen("/mnt/nfs/runs", {"10.77.0.2": "same", "10.77.0.3": "missing"}, "10.77.0.1")
+    with pytest.raises(ConfigError, match=r"10\.77\.0\.2 \(a different directory\), 10\.77\.0\.3 \(no such"):
+        check_storage_seen("/mnt/nfs/runs", {"10.77.0.2": "other", "10.77.0.3": "missing"}, "10.77.0.1")

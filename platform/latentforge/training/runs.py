@@ -37,18 +37,22 @@ def check_storage(storage_path: str, node_addresses: Iterable[str], storage_is_s
             "...) or, for a filesystem mounted at the same path on every node (NFS), pass --storage-is-shared")
 
 
-def check_storage_seen(storage_path: str, seen_by: dict[str, bool], driver_address: str) -> None:
+STORAGE_VIEWS = {"same": "", "other": "a different directory", "missing": "no such directory"}
+"""What a node sees at the driver's storage path: the same directory, another one, or none."""
+
+
+def check_storage_seen(storage_path: str, views: dict[str, str], driver_address: str) -> None:
     """Refuse `--storage-is-shared` when a node does not see the directory the driver sees.
 
-    seen_by: node address -> whether a file the driver wrote under storage_path is visible there
-    (a path mounted on some nodes only, or a local disk at the same path, fails this).
+    views: node address -> a key of STORAGE_VIEWS, from looking for a file the driver wrote
+    there (a path mounted on some nodes only, or a local disk at the same path, fails this).
     """
-    missing = sorted(address for address, seen in seen_by.items() if not seen)
-    if missing:
+    wrong = sorted(f"{address} ({STORAGE_VIEWS[view]})" for address, view in views.items() if view != "same")
+    if wrong:
         raise ConfigError(
-            f"--storage-is-shared, but storage_path {storage_path!r} is not one directory on every node: a file "
-            f"the driver (on {driver_address}) wrote there is not visible on {', '.join(missing)}. Mount the shared "
-            "filesystem at that path on every node, or use a shared URI (s3://, gs://, ...)")
+            f"--storage-is-shared, but storage_path {storage_path!r} is not one directory on every node: the "
+            f"driver (on {driver_address}) wrote a file there that these nodes do not see: {', '.join(wrong)}. "
+            "Mount the shared filesystem at that path on every node, or use a shared URI (s3://, gs://, ...)")
 
 
 def default_run_name() -> str:
