@@ -4,7 +4,10 @@ opens the training run's pages and we check what a person would look for.
 - Model metrics tab: a chart for the training loss and for the evaluation metrics (validation
   loss, prompt adherence; plus the in-training evaluator's metrics when it is installed).
 - Artifacts tab: the sample grid renders as an image.
-- Overview: the training run's input dataset (the latents manifest) is listed.
+- Overview: lineage. Clicking the training run's dataset opens MLflow's dataset panel, which must
+  show the latents manifest's name, path and digest, the digest the precompute run logged as its
+  output.
+Without Chromium the test skips on a developer machine and fails under CI (`CI` set).
 Screenshots are kept under test-artifacts/mlflow_ui/ (LATENTFORGE_TEST_ARTIFACTS overrides).
 """
 
@@ -14,13 +17,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.harness.chromium import Chromium, find_chromium
-
-pytestmark = pytest.mark.slow
+from tests.harness.chromium import Chromium, Page, require_chromium
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("LATENTFORGE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "mlflow_ui"
@@ -28,24 +31,62 @@ ARTIFACTS = Path(os.environ.get("LATENTFORGE_TEST_ARTIFACTS", REPO / "test-artif
 WIDTH, HEIGHT = 1400, 6000
 
 
-def _visit(browser: Chromium, url: str, name: str, ready_js: str, timeout_s: float = 240) -> str:
-    """Open `url`, wait until `ready_js` holds, save DOM + screenshot as test artifacts."""
-    page = browser.open(url)
-    ready = page.wait_for(ready_js, timeout_s)
+def _save(page: Page, name: str) -> str:
+    """Keep the page's DOM and a screenshot as test artifacts; returns the DOM."""
     dom = page.html()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / f"{name}.html").write_text(dom)
     page.screenshot(ARTIFACTS / f"{name}.png")
+    return dom
+
+
+def _visit(browser: Chromium, url: str, name: str, ready_js: str, timeout_s: float = 240) -> str:
+    """Open `url`, wait until `ready_js` holds, save DOM + screenshot as test artifacts."""
+    page = browser.open(url)
+    ready = page.wait_for(ready_js, timeout_s)
+    dom = _save(page, name)
     assert ready, f"{url}: the page did not get ready in {timeout_s}s (see {ARTIFACTS / name}.png)"
     return dom
 
 
-def test_training_run_page_shows_charts_grid_and_lineage(demo_smoke_run, mlflow_server, tmp_path) -> None:
+# The run overview's "Datasets" section: one button per dataset, "NAME (DIGEST)" plus its context.
+_DATASET_BUTTONS = ("[...([...document.querySelectorAll('h4')].find(h => h.textContent.trim() === 'Datasets')"
+                    "?.parentElement?.querySelectorAll('[role=button]') ?? [])]")
+_DATASET_PANEL = "[...document.querySelectorAll('[role=dialog]')].find(d => d.innerText.includes('Digest:'))"
+
+
+def _open_dataset_panel(browser: Chromium, url: str, name: str, timeout_s: float = 240) -> str:
+    """Run overview -> click dataset `name` in its Datasets section -> the text of the panel it opens."""
+    page = browser.open(url)
+    button = f"{_DATASET_BUTTONS}.find(b => b.innerText.startsWith({json.dumps(name + ' (')}))"
+    listed = page.wait_for(f"!!{button}", timeout_s)
+    if not listed:
+        _save(page, "overview")
+        raise AssertionError(f"{url}: no dataset {name!r} in the run's Datasets section (see {ARTIFACTS}/overview.png)")
+    page.evaluate(f"{button}.click()")
+    opened = page.wait_for(f"!!{_DATASET_PANEL}", 60)
+    _save(page, "dataset_panel")
+    assert opened, f"clicking dataset {name!r} opened no dataset panel (see {ARTIFACTS}/dataset_panel.png)"
+    return page.evaluate(f"{_DATASET_PANEL}.innerText")
+
+
+def _datasets(client, run_id: str, context: str) -> list:
+    """The MLflow datasets a run logged with this context (input / output)."""
+    return [d.dataset for d in client.get_run(run_id).inputs.dataset_inputs
+            if any(t.key == "mlflow.data.context" and t.value == context for t in d.tags)]
+
+
+@pytest.fixture(scope="session")
+def chromium_binary() -> str:
+    """Asked for before the slow demo run: skips at once here, fails at once under CI."""
+    return require_chromium()
+
+
+@pytest.mark.slow
+def test_training_run_page_shows_charts_grid_and_lineage(chromium_binary, demo_smoke_run, mlflow_server,
+                                                         tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
-    binary = find_chromium()
-    if binary is None:
-        pytest.skip("no Chromium found (`make install` installs Debian's chromium where apt-get is available)")
     summary = demo_smoke_run.summary
     experiment, run_id = summary["experiment_id"], summary["training_run_id"]
     assert run_id, "the demo's training run id is missing from its summary"
@@ -67,8 +108,14 @@ def test_training_run_page_shows_charts_grid_and_lineage(demo_smoke_run, mlflow_
     assert grids, "the training run has no sample-grid artifact"
     grid = next((p for p in reversed(grids) if p.startswith("eval/")), grids[-1])
 
+    [latents] = _datasets(client, run_id, "input")
+    precompute = client.search_runs([experiment], filter_string="tags.`latentforge.stage` = 'precompute' AND "
+                                    f"tags.mlflow.parentRunId = '{summary['pipeline_run_id']}'")
+    assert [d.digest for d in _datasets(client, precompute[0].info.run_id, "output")] == [latents.digest]
+    assert latents.name == "latents"
+
     base = f"{mlflow_server.url}/#/experiments/{experiment}/runs/{run_id}"
-    with Chromium(binary, tmp_path / "chromium-profile", WIDTH, HEIGHT) as browser:
+    with Chromium(chromium_binary, tmp_path / "chromium-profile", WIDTH, HEIGHT) as browser:
         # Model metrics: every wanted chart card is there, and every card has drawn its plot.
         titles_js = json.dumps(wanted)
         dom = _visit(browser, f"{base}/model-metrics", "model_metrics",
@@ -83,6 +130,35 @@ def test_training_run_page_shows_charts_grid_and_lineage(demo_smoke_run, mlflow_
                      f"!!document.querySelector('img[alt={json.dumps(grid)}][src^=\"blob:\"]')")
         assert re.search(rf'<img[^>]*alt="{re.escape(grid)}"[^>]*src="blob:', dom)
 
-        # Overview: lineage, the latents manifest this run trained on, is listed as a dataset.
-        dom = _visit(browser, base, "overview", "document.body.innerText.includes('latents')")
-        assert "latents" in dom
+        # Overview: lineage. The panel of the dataset this run trained on names the latents manifest
+        # and shows the digest the precompute run logged as its output.
+        panel = _open_dataset_panel(browser, base, latents.name)
+        for shown in (f"Digest: {latents.digest}", f"Path: {demo_smoke_run.out / 'latents' / 'manifest.json'}",
+                      "stage: precompute", f"samples: {summary['latents']}"):
+            assert shown in panel, f"the dataset panel lacks {shown!r}:\n{panel}"
+
+
+def test_no_chromium_skips_here_and_fails_under_ci(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require_chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set but there is no Chromium"):
+        require_chromium()
+
+
+def test_make_chromium_fails_under_ci_when_it_cannot_install(tmp_path) -> None:
+    # A PATH with a shell, make and id only: no browser, no apt-get, so nothing can be installed.
+    if shutil.which("make") is None:
+        pytest.skip("no make here (`make test` and .ci/run run the suite through it)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "make", "id"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    lenient = subprocess.run(["make", "-s", "chromium"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert lenient.returncode == 0 and "warning: no Chromium and no apt-get" in lenient.stdout, lenient
+    strict = subprocess.run(["make", "-s", "chromium"], cwd=REPO, env={**env, "CI": "1"}, capture_output=True,
+                            text=True)
+    assert strict.returncode != 0 and "error: no Chromium and no apt-get" in strict.stderr, strict

@@ -27,12 +27,33 @@ FLAGS = [
 ]
 
 
+BINARIES = ("chromium", "chromium-browser", "google-chrome")
+
+
 def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
+    for name in BINARIES:
         path = shutil.which(name)
         if path:
             return path
     return None
+
+
+def require_chromium() -> str:
+    """The browser's path; without one a test skips on a developer machine and FAILS under CI.
+
+    CI (the `CI` environment variable set, as `.ci/run` and every CI service set it) installs
+    Chromium with `make chromium`, so a missing browser there is a broken set-up, not a reason
+    to pass without looking at the UI.
+    """
+    import pytest
+
+    binary = find_chromium()
+    if binary is not None:
+        return binary
+    hint = f"none of {', '.join(BINARIES)} is on PATH; `make chromium` installs Debian's chromium (root or sudo)"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but there is no Chromium for the MLflow UI test: {hint}", pytrace=False)
+    pytest.skip(f"no Chromium ({hint})")
 
 
 class Chromium:
