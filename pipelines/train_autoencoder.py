@@ -152,7 +152,8 @@ def _result(config: AutoencoderTrainConfig, export: Any, export_uri: str, run_id
             seconds: float) -> AutoencoderResult:
     metrics = dict(export.extra.get("metrics", {}))
     vae = export.models["vae"]
-    skipped = {k: v for k, v in export.counts.items() if k.startswith("skipped_")}
+    skipped = {k[len("skipped_"):]: v for k, v in export.counts.items()
+               if k.startswith("skipped_") and k != "skipped_steps"}
     rows = [("run", config.run_name), ("where", where), ("workers", config.num_workers),
             ("steps", export.extra["step"]), ("skipped steps (non-finite)", export.counts.get("skipped_steps", 0)),
             ("images seen", export.counts.get("samples_seen", 0)),
@@ -237,7 +238,9 @@ class AutoencoderWorkerRun:
                     f"lr {result.lr:.2e} | skipped {self.trainer.skipped_steps}")
             if self.policy.should_save(result.step, result.skipped):
                 self.save_checkpoint({"step": result.step, "loss": result.global_loss})
-            if self.rank == 0 and config.eval_every and result.step % config.eval_every == 0:
+            # The last step's evaluation is the export's (finish), not repeated here.
+            if self.rank == 0 and config.eval_every and result.step % config.eval_every == 0 \
+                    and result.step < config.steps:
                 self.evaluate()
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
