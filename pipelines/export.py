@@ -50,7 +50,10 @@ def export_to(source: Source, config: ExportConfig) -> str:
         from latentforge.export.single_file import write_single_file
 
         return write_single_file(source, _local(out), config.title, config.dtype)
-    raise ExportRefused(f"format {config.format!r} is not available")
+    from latentforge.export.mlflow_model import log_export
+
+    logged = log_export(source, out, config.register_as, config.sampler)
+    return logged.get("registry_uri") or logged["model_uri"]
 
 
 def run(config: ExportConfig) -> ExportResult:

@@ -83,7 +83,10 @@ def build_tiny_export(root: str | Path, vae: str = "patchify", resolution: int =
                **({"text_states": text_states} if text_states else {})},
     )
     storage.atomic_write_json(str(export / "data_manifest.json"), data_manifest.to_dict())
+    data_sha256 = storage.sha256_file(str(export / "data_manifest.json"))
     write_manifest(str(export), Manifest(stage="train", config={"preset": "test"},
+                                         inputs=[{"uri": str(root / "latents" / "manifest.json"),
+                                                  "sha256": data_sha256, "kind": "manifest"}],
                                          extra={"mlflow_run_id": mlflow_run_id, "step": 7,
                                                 "data_dir": str(root / "latents")}))
     return TinyExport(export, clip, vae_record, resolution)
