@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -179,32 +180,67 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(data, reference,
     assert _tar_hashes(reference) == before
 
 
-def test_killed_encoder_actor_still_gives_exact_output(data, reference, ray_head, ray_session, tmp_path) -> None:
+MANY_SHARDS = 8
+
+
+@pytest.fixture(scope="module")
+def many(data, ray_session, tmp_path_factory):
+    """More shards than the fault tests could miss: the run is still going when the first is published."""
+    from jobs.precompute_latents import main
+
+    root = tmp_path_factory.mktemp("precompute-many")
+    inputs = {**data, "ingest": write_ingest_shards(root / "ingest", shard_sizes=(12,) * MANY_SHARDS, seed=1)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        assert main(_args(inputs, root / "reference")) == 0
+    return {**inputs, "reference": root / "reference"}
+
+
+def _published(out: Path) -> int:
+    return len(read_manifest(str(out)).shards) if (out / "manifest.json").exists() else 0
+
+
+def _wait_until_published(out: Path, running: Callable[[], bool], timeout_s: float = 240) -> int:
+    """Shards published once the first one is (polled every 10 ms while the job runs)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and running():
+        if published := _published(out):
+            return published
+        time.sleep(0.01)
+    return 0
+
+
+def _encoder_actor_pid(ray_head, running: Callable[[], bool], timeout_s: float = 180) -> int | None:
     from ray.util.state import list_actors
 
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and running():
+        actors = list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")],
+                             raise_on_missing_output=False)
+        encoders = [a for a in actors if "EncoderActor" in (a.class_name or "")]
+        if encoders:
+            return encoders[0].pid
+        time.sleep(0.2)
+    return None
+
+
+def test_killed_encoder_actor_still_gives_exact_output(many, ray_head, ray_session, tmp_path) -> None:
+    """The test SIGKILLs an encoder actor right after the first output shard is published."""
     from jobs.precompute_latents import main
 
     out = tmp_path / "latents"
     result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", main(
-        _args(data, out, "--slow-encode-s", "1.0", "--fidelity-samples", "2"))))
+    thread = threading.Thread(target=lambda: result.setdefault("rc", main(_args(many, out, "--fidelity-samples", "2"))))
     thread.start()
-    killed, seen = None, set()
-    deadline = time.monotonic() + 180
-    while killed is None and time.monotonic() < deadline and thread.is_alive():
-        actors = list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")],
-                             raise_on_missing_output=False)
-        seen.update(a.class_name for a in actors)
-        encoders = [a for a in actors if "EncoderActor" in (a.class_name or "")]
-        if encoders:
-            time.sleep(3.0)  # a few slow batches into the run
-            os.kill(encoders[0].pid, signal.SIGKILL)
-            killed = encoders[0].pid
-        time.sleep(0.2)
+    pid = _encoder_actor_pid(ray_head, thread.is_alive)
+    published = _wait_until_published(out, thread.is_alive) if pid else 0
+    if published:
+        os.kill(pid, signal.SIGKILL)
     thread.join(timeout=240)
-    assert killed is not None, f"no encoder actor was seen alive (actors: {sorted(seen)})"
+    assert pid is not None, "no encoder actor was seen alive"
+    assert 0 < published < MANY_SHARDS, f"the actor was killed after {published} of {MANY_SHARDS} shards"
     assert result.get("rc") == 0
-    assert _tar_hashes(out) == _tar_hashes(reference)
+    assert _tar_hashes(out) == _tar_hashes(many["reference"])
 
 
 def _job_env(ray_head, **extra: str) -> dict[str, str]:
@@ -213,35 +249,32 @@ def _job_env(ray_head, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_killed_driver_resumes_to_the_exact_key_set(data, reference, ray_head, tmp_path) -> None:
+def test_killed_driver_resumes_to_the_exact_key_set(many, ray_head, tmp_path) -> None:
+    """The test SIGKILLs the driver's process group right after its first published shard."""
     out = tmp_path / "latents"
     env = _job_env(ray_head, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    cmd = [sys.executable, "jobs/precompute_latents.py", *_args(data, out, "--slow-encode-s", "1.5")]
+    cmd = [sys.executable, "jobs/precompute_latents.py", *_args(many, out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "manifest.json").exists() and read_manifest(str(out)).shards:
-                break
-            time.sleep(0.1)
+        published = _wait_until_published(out, lambda: proc.poll() is None)
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, after its first finished shard
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     at_kill = read_manifest(str(out))
-    assert at_kill.extra["fidelity"] == {}, "the run had already finished"
+    assert 0 < published <= len(at_kill.shards) < MANY_SHARDS, "the run had already finished"
+    assert at_kill.extra["fidelity"] == {}
     kept = len(at_kill.shards)
-    rerun = subprocess.run([sys.executable, "jobs/precompute_latents.py", *_args(data, out)], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"2 ({kept} kept from an earlier run)" in rerun.stdout
-    assert _keys(out) == sorted(data["ingest"].good)
-    assert _tar_hashes(out) == _tar_hashes(reference)
+    assert f"{MANY_SHARDS} ({kept} kept from an earlier run)" in rerun.stdout
+    assert _keys(out) == sorted(many["ingest"].good)
+    assert _tar_hashes(out) == _tar_hashes(many["reference"])
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
-    assert len(read_manifest(str(out)).shards) == 2
+    assert len(read_manifest(str(out)).shards) == MANY_SHARDS
 
 
 def test_fidelity_breach_fails_the_job(data, reference, ray_session, tmp_path, capsys) -> None:
