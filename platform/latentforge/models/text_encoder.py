@@ -24,6 +24,8 @@ from typing import Any, Mapping
 
 import torch
 
+from latentforge.models.vae import require_local_model
+
 TINY_CLIP_NAME = "lf-tiny-clip"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 LAYERS = ("last", "penultimate")
@@ -144,8 +146,7 @@ def load_text_encoder(name: str, weights: str | None, layer: str = "last", devic
     device = torch.device(device)
     source = weights or None
     if _is_file(weights):
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"text encoder checkpoint not found: {weights}")
+        require_local_model(weights, "text encoder checkpoint")
         source = os.path.abspath(weights)
     # open_clip's own loader: safetensors by suffix, anything else with torch.load(weights_only=True).
     model = open_clip.create_model(name, pretrained=source, device="cpu",

@@ -23,7 +23,30 @@ from typing import Any, Literal, Mapping
 import torch
 import torch.nn.functional as F
 
+from latentforge.config import ConfigError
+
 VAE_TYPES = ("autoencoder_kl", "autoencoder_tiny", "patchify")
+
+
+class ModelNotFoundError(ConfigError, FileNotFoundError):
+    """A local model file or directory named by the config is not there: a usage error (exit 2)."""
+
+
+def require_local_model(path: str, what: str) -> None:
+    """One clear line when a local model path is missing where the job runs.
+
+    The usual cause: `ray job submit --working-dir .` runs the job from Ray's copy of the
+    working dir, which holds neither the caller's other directories nor gitignored files.
+    """
+    if not os.path.exists(path):
+        raise ModelNotFoundError(
+            f"{what} not found: {path} (the job runs in {os.getcwd()}; a job submitted with --working-dir "
+            "gets a copy of it without gitignored files such as demo_output/: give an absolute path or a URI)")
+
+
+def _is_local_path(model_id: str) -> bool:
+    # Hub ids look like org/repo[/subfolder]; a local path is absolute, ./ or ../ relative, or ~.
+    return os.path.isabs(model_id) or model_id.startswith((".", "~"))
 VaeType = Literal["autoencoder_kl", "autoencoder_tiny", "patchify"]
 
 
@@ -135,6 +158,8 @@ class LatentVAE:
 
 
 def _from_pretrained(cls: Any, model_id: str, dtype: torch.dtype) -> Any:
+    if _is_local_path(model_id):
+        require_local_model(os.path.expanduser(model_id), "VAE directory")
     repo, subfolder = split_hub_id(model_id)
     # safetensors only: a hub repo or directory with nothing but pickled .bin weights is refused.
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
