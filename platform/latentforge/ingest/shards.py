@@ -231,7 +231,7 @@ def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputP
     stats_bytes = (json.dumps(stats, indent=2) + "\n").encode()
     storage.atomic_write_bytes(storage.join(out, stats_name(shard)), stats_bytes)
     return {
-        "name": formats.shard_name(shard), "samples": counts.get("ok", 0), "sha256": tar_sha,
+        "name": formats.shard_name(shard), "samples": counts.get("ok", 0), "sha256": tar_sha, "size": tar_bytes,
         "files": {ledger_name(shard): storage.sha256_bytes(ledger_bytes),
                   stats_name(shard): storage.sha256_bytes(stats_bytes)},
         "stats": {"kind": descriptor["kind"], "rows": len(ledger), "counts": stats["counts"],

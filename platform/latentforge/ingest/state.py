@@ -117,15 +117,15 @@ def totals(shards: list[mf.ShardRecord]) -> dict[str, int]:
 
 
 def shard_files_ok(dir_uri: str, record: mf.ShardRecord, verify_hashes: bool) -> bool:
+    """The shard's tar is the one recorded (by size, a stat; by sha256 with `verify_hashes` or for a
+    record without a size) and its ledger and stats exist (and match their sha256 with `verify_hashes`)."""
     shard = int(record.name)
-    files = {tar_name(shard): record.sha256, **record.files}
-    for name in (ledger_name(shard), stats_name(shard)):
-        files.setdefault(name, "")
+    if not storage.matches_record(storage.join(dir_uri, tar_name(shard)), record.sha256, record.size, verify_hashes):
+        return False
+    files = {ledger_name(shard): "", stats_name(shard): "", **record.files}
     for name, sha in files.items():
         uri = storage.join(dir_uri, name)
-        if not storage.exists(uri):
-            return False
-        if verify_hashes and sha and storage.sha256_file(uri) != sha:
+        if not storage.exists(uri) or (verify_hashes and sha and storage.sha256_file(uri) != sha):
             return False
     return True
 
