@@ -42,6 +42,12 @@ def test_registered_model_gives_the_generate_images(tracked, tmp_path) -> None:
     data_sha256 = load_export(str(source.dir)).manifest.inputs[0]["sha256"]
     assert version.tags["latentforge.data_sha256"] == data_sha256
 
+    # One loader: jobs/generate.py / evaluate.py take models:/NAME/VERSION (training tags its run with the export).
+    from latentforge.generation.export import EXPORT_URI_TAG, resolve_export_dir
+
+    client.set_tag(run_id, EXPORT_URI_TAG, str(source.dir))
+    assert resolve_export_dir("models:/lf-tiny/1") == str(source.dir)
+
     model = mlflow.pyfunc.load_model("models:/lf-tiny/1")
     frame = pd.DataFrame({"prompt": ["a red circle", "two blue squares"], "seed": [3, 11], "steps": [6, 6],
                           "guidance": [3.5, 3.5]})

@@ -15,7 +15,8 @@ class EvaluateConfig(TrackingOptions):
     """Score a trained model on an eval set: FID and CLIP score, logged into the training run."""
 
     model: str = ""
-    """Export dir, a training run dir holding export/, or an MLflow run id."""
+    """Export dir, a training run dir holding export/, an MLflow run id, a diffusers folder made by
+    jobs/export_model.py, or models:/NAME/VERSION (all lead to the same train export)."""
     eval_set: str = ""
     """Latent shards with captions (precompute output) or image shards (ingest output)."""
     out: str | None = None

@@ -15,7 +15,8 @@ class GenerateConfig(TrackingOptions):
     """Generate images from a trained export (txt2img, or img2img with --init-image)."""
 
     model: str = ""
-    """Export dir (STORAGE/RUN/export), a training run dir holding export/, or an MLflow run id."""
+    """Export dir (STORAGE/RUN/export), a training run dir holding export/, an MLflow run id, a diffusers folder
+    made by jobs/export_model.py, or models:/NAME/VERSION (all lead to the same train export)."""
     prompts: str = ""
     """A prompt, or a file: .txt one prompt a line, .jsonl {"prompt": ..., "seed": ...} a line."""
     out: str = ""

@@ -72,6 +72,9 @@ def resolve_export_dir(model: str) -> str:
     for candidate in (model, storage.join(model, "export")):
         if storage.exists(storage.join(candidate, "unet")) and storage.exists(storage.join(candidate, "data_manifest.json")):
             return candidate
+    other = _other_reference(model)
+    if other is not None:
+        return other
     match = RUN_ID_RE.match(model.strip())
     if match:
         from mlflow.tracking import MlflowClient
@@ -86,7 +89,27 @@ def resolve_export_dir(model: str) -> str:
         if not uri:
             raise ExportError(f"MLflow run {match.group(2)} has no {EXPORT_URI_TAG} tag (did training finish its export?)")
         return resolve_export_dir(uri) if uri != model else uri
-    raise ExportError(f"{model!r} is neither an export dir (unet/, scheduler/, data_manifest.json) nor an MLflow run id")
+    raise ExportError(f"{model!r} is neither an export dir (unet/, scheduler/, data_manifest.json), an MLflow run id, "
+                      "a diffusers folder from jobs/export_model.py nor models:/NAME/VERSION")
+
+
+def _other_reference(model: str) -> str | None:
+    """A diffusers folder or a registered model version -> the export dir it was made from (still unchanged)."""
+    from latentforge.export import references
+
+    if references.is_diffusers_folder(model):
+        export_dir, digest = references.source_of_folder(model)
+        what = f"diffusers folder {model}"
+    else:
+        found = references.source_of_version(model)
+        if found is None:
+            return None
+        export_dir, digest = resolve_export_dir(found[0]), found[1]
+        what = model
+    manifest = storage.join(export_dir, "manifest.json")
+    if not storage.exists(manifest) or storage.sha256_file(manifest) != digest:
+        raise ExportError(f"{what} was made from {export_dir}, which is gone or changed since")
+    return export_dir
 
 
 def read_data_manifest(export_dir: str) -> Manifest:
