@@ -27,22 +27,14 @@ def clip_score_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor) 
     return float((100.0 * cos.clamp(min=0)).mean())
 
 
-def _register_package_configs() -> None:
-    """Make LatentForge's shipped open_clip configs (the tiny test/demo CLIP) known to open_clip."""
-    try:
-        from latentforge.models.text_encoder import register_package_configs
-    except ImportError:  # pragma: no cover
-        return
-    register_package_configs()
-
-
 class ClipScorer:
     """An open_clip model (name + pretrained tag or local checkpoint) that scores image/text pairs."""
 
     def __init__(self, model: str, weights: str | None = None, device: str | torch.device = "cpu") -> None:
-        import open_clip
+        from latentforge.models.text_encoder import open_clip_module, register_package_configs
 
-        _register_package_configs()
+        open_clip = open_clip_module()
+        register_package_configs()
         self.model_name = model
         self.weights = weights
         self.weights_sha256 = storage.sha256_file(weights) if weights and os.path.isfile(weights) else None

@@ -224,10 +224,9 @@ def _check_text_encoder(record: Mapping[str, Any]) -> None:
 
 
 def _check_open_clip(name: str, weights: str | None, what: str) -> None:
-    import open_clip
+    from latentforge.models.text_encoder import open_clip_module, register_package_configs
 
-    from latentforge.models.text_encoder import register_package_configs
-
+    open_clip = open_clip_module()
     register_package_configs()
     if name not in open_clip.list_models():
         raise ValueError(f"{what}: open_clip knows no model {name!r}")

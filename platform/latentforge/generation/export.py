@@ -7,11 +7,12 @@ training run carries the tag `latentforge.export_uri`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -57,14 +58,17 @@ class ExportedModel:
                        text_states=text_states, default_resolution=self.data_manifest.extra.get("resolution"))
 
 
-def _local_copy(uri: str) -> str:
-    """Remote export dirs (s3://, gs://, ...) are copied to a temp dir once; local ones are used in place."""
+@contextlib.contextmanager
+def _local_copy(uri: str) -> Iterator[str]:
+    """A local directory with the export: local ones in place; remote ones (s3://, gs://, ...) copied
+    to a temp dir that is removed again once the caller has read what it needs into memory."""
     if "://" not in uri or uri.startswith("file://"):
-        return uri[len("file://"):] if uri.startswith("file://") else uri
+        yield uri[len("file://"):] if uri.startswith("file://") else uri
+        return
     fs, path = storage.filesystem(uri)
-    target = tempfile.mkdtemp(prefix="lf-export-")
-    fs.get(path.rstrip("/") + "/", target, recursive=True)
-    return target
+    with tempfile.TemporaryDirectory(prefix="lf-export-") as target:
+        fs.get(path.rstrip("/") + "/", target, recursive=True)
+        yield target
 
 
 def resolve_export_dir(model: str) -> str:
@@ -125,18 +129,17 @@ def load_export(model: str, device: str | torch.device = "cpu", dtype: torch.dty
     from diffusers import UNet2DConditionModel
 
     export_uri = resolve_export_dir(model)
-    local = _local_copy(export_uri)
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(local, "unet"), torch_dtype=dtype,
-                                                use_safetensors=True)  # never unpickle weights
+    with _local_copy(export_uri) as local:
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(local, "unet"), torch_dtype=dtype,
+                                                    use_safetensors=True)  # never unpickle weights
+        sched_path = os.path.join(local, "scheduler", "scheduler_config.json")
+        scheduler_config = storage.read_json(sched_path) if os.path.exists(sched_path) else {}
+        data_manifest = read_data_manifest(local)
+        try:
+            manifest = read_manifest(local)
+        except ManifestError:
+            manifest = None
     unet = unet.to(device).eval().requires_grad_(False)
-    sched_path = os.path.join(local, "scheduler", "scheduler_config.json")
-    scheduler_config = storage.read_json(sched_path) if os.path.exists(sched_path) else {}
-    data_manifest = read_data_manifest(local)
-    manifest = None
-    try:
-        manifest = read_manifest(local)
-    except ManifestError:
-        manifest = None
     extra = manifest.extra if manifest is not None else {}
     step = extra.get("step")
     return ExportedModel(export_dir=export_uri, unet=unet, scheduler_config=scheduler_config,

@@ -19,6 +19,7 @@ end-of-text token do not depend on the padding after it).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,9 +32,29 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 LAYERS = ("last", "penultimate")
 
 
+def open_clip_module() -> Any:
+    """``open_clip``, imported without letting timm import wandb.
+
+    open_clip imports timm, and timm imports wandb whenever it is installed (img2dataset depends
+    on it). wandb makes two temp dirs at import (tmp*wandb-media, tmp*wandb-artifacts) that only
+    a clean interpreter exit removes, which Ray workers never reach: every process that loaded a
+    text encoder left them behind. LatentForge never uses wandb; timm treats an ImportError as
+    "not installed", so wandb is hidden for the duration of this one import.
+    """
+    if "open_clip" not in sys.modules and "wandb" not in sys.modules:
+        sys.modules["wandb"] = None  # type: ignore[assignment]  # `import wandb` raises ImportError
+        try:
+            import open_clip  # noqa: F401
+        finally:
+            del sys.modules["wandb"]
+    import open_clip
+
+    return open_clip
+
+
 def register_package_configs() -> None:
     """Make the open_clip configs shipped in ``latentforge/models/configs`` known to open_clip."""
-    import open_clip
+    open_clip = open_clip_module()
 
     if TINY_CLIP_NAME not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
@@ -138,7 +159,7 @@ def _is_file(weights: str | None) -> bool:
 def load_text_encoder(name: str, weights: str | None, layer: str = "last", device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32) -> TextEncoder:
     """Build open_clip model ``name`` with ``weights`` (pretrained tag, checkpoint file or None = random)."""
-    import open_clip
+    open_clip = open_clip_module()
 
     if layer not in LAYERS:
         raise ValueError(f"unknown text layer {layer!r}; expected one of {list(LAYERS)}")
@@ -167,7 +188,7 @@ def load_text_encoder_from_manifest(manifest: Any, device: str | torch.device = 
 
 def save_tiny_clip_checkpoint(path: str | os.PathLike, seed: int = 0) -> str:
     """Write a randomly initialised ``lf-tiny-clip`` as a .safetensors file; returns its path."""
-    import open_clip
+    open_clip = open_clip_module()
     from safetensors.torch import save_file
 
     register_package_configs()
