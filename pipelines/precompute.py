@@ -8,10 +8,10 @@
 Every input row becomes one output row (encoded, or marked with a skip reason), and each
 shard's reader ends with a trailer row carrying the number of rows it read and why its input tar
 could not be read completely, if so, so the writer knows when a shard is complete without
-buffering it, and publishes only shards read completely (docs/precompute.md "Input errors"). Memory stays bounded by Ray Data's streaming
-backpressure; the driver holds only open tar handles. After each finished shard the manifest is
-rewritten, so a killed driver loses at most the shards in flight; a rerun skips finished shards
-and produces byte-identical tars. Finally the fidelity gate re-encodes a sample in fp32.
+buffering it, and publishes only shards read completely (docs/precompute.md "Input errors").
+Memory stays bounded by Ray Data's streaming backpressure; the driver holds only open tar
+handles. After each finished shard the manifest is rewritten, so a killed driver loses at most
+the shards in flight; a rerun skips finished shards and produces byte-identical tars. Finally the fidelity gate re-encodes a sample in fp32.
 """
 
 from __future__ import annotations

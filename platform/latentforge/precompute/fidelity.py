@@ -17,7 +17,8 @@ import torch
 from latentforge import formats, storage
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.encode import PrecomputeEncoder
-from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample
+from latentforge.precompute.preprocess import preprocess_sample
+from latentforge.precompute.shard_input import ShardRead, read_shard
 from latentforge.precompute.writer import iter_latent_shard
 
 
@@ -60,7 +61,8 @@ def check_fidelity(config: PrecomputeConfig, shard_names: list[str], device: str
         wanted = set(keys)
         stored = {k: m for k, m in iter_latent_shard(storage.join(config.output, f"{shard}.tar")) if k in wanted}
         inputs = {}
-        for sample in iter_ingest_shard(storage.join(config.input, f"{shard}.tar")):
+        source = ShardRead(storage.join(config.input, f"{shard}.tar"), sha256="")  # its hash was checked when encoded
+        for sample in read_shard(source, config.read_retries, config.read_backoff_s):
             if sample.key in wanted:
                 inputs[sample.key] = sample
         for key in keys:
