@@ -18,7 +18,7 @@ import pytest
 
 from jobs import _bootstrap
 from latentforge import storage
-from latentforge.config import parse_config
+from latentforge.config import ConfigError, parse_config
 from latentforge.manifest import read_manifest, write_manifest
 from latentforge.models.testing import save_tiny_clip_checkpoint
 from latentforge.precompute.config import PrecomputeConfig
@@ -83,6 +83,13 @@ def test_reader_retries_from_where_it_stopped_and_checks_the_hash(data, tmp_path
     read = ShardRead(str(tar), "0" * 64)
     assert len(list(read_shard(read, retries=0, backoff_s=0.0))) == 12
     assert "differs from the ingest manifest" in read.error
+
+
+def test_read_retry_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="read_retries and read_backoff_s must be >= 0"):
+        PrecomputeConfig(input="in", output="out", vae_type="patchify", read_backoff_s=-1.0)
+    assert PrecomputeConfig().read_retries == 3 and not PrecomputeConfig().allow_partial_shards
+    assert not PrecomputeConfig().verify_finished
 
 
 # --- the job on the Ray head -------------------------------------------------------------------
