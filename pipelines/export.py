@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from latentforge import storage
 from latentforge.export.config import ExportConfig
 from latentforge.export.target import ExportRefused, Source, load_source
+from latentforge.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,23 @@ def export_to(source: Source, config: ExportConfig) -> str:
 
     logged = log_export(source, out, config.register_as, config.sampler)
     return logged.get("registry_uri") or logged["model_uri"]
+
+
+def preflight(data_manifest: Manifest, formats: list[str], tracked: bool) -> None:
+    """Training's --export-formats: refuse before training what could not be exported after it."""
+    from latentforge.export.diffusers_folder import check_diffusers
+    from latentforge.export.mlflow_model import check_mlflow
+    from latentforge.export.single_file import check_single_file
+
+    checks = {"diffusers": check_diffusers, "single-file": check_single_file,
+              "mlflow": lambda manifest: check_mlflow(manifest, "tracked" if tracked else None)}
+    for fmt in formats:
+        checks[fmt](data_manifest)
+
+
+def export_formats(export_uri: str, formats: list[str]) -> list[str]:
+    """Training's final export: each format with its defaults beside the export; returns where each went."""
+    return [run(ExportConfig(model=export_uri, format=fmt)).out for fmt in formats]
 
 
 def run(config: ExportConfig) -> ExportResult:

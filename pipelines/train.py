@@ -162,6 +162,10 @@ def run(config: TrainConfig) -> TrainResult:
         from latentforge.evaluation.in_training import check_can_start
 
         check_can_start(config.eval_config(), config.data, manifest)  # before any worker exists
+    if config.export_formats:
+        from pipelines.export import preflight
+
+        preflight(manifest, config.export_formats, config.mlflow)  # refused now, not after training
     config.run_name = config.run_name or runs.default_run_name()
     config.storage_path = _absolute_storage(config.storage_path)
     where = init_ray()
@@ -233,6 +237,11 @@ def run(config: TrainConfig) -> TrainResult:
         summary_numbers = dict(export.extra.get("summary", {}))
         run.log_metrics({f"summary/{k}": v for k, v in summary_numbers.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=export.extra["step"])
+    exported = []
+    if config.export_formats:
+        from pipelines.export import export_formats
+
+        exported = export_formats(export_uri, config.export_formats)
     seconds = time.time() - started
     rows = [
         ("run", config.run_name), ("where", where), ("workers", config.num_workers),
@@ -246,6 +255,7 @@ def run(config: TrainConfig) -> TrainResult:
         ("metric values dropped (MLflow)", summary_numbers.get("metrics_dropped", 0)),
         ("wall time", f"{seconds:,.0f} s"),
         ("export", export_uri), ("mlflow run", run.run_id or "-"),
+        *[(f"exported ({fmt})", out) for fmt, out in zip(config.export_formats, exported)],
     ]
     return TrainResult(run_name=config.run_name, export_uri=export_uri, mlflow_run_id=run.run_id,
                        step=int(export.extra["step"]), summary=summary_table("train", rows),

@@ -23,9 +23,9 @@ PIPELINE_SAMPLERS = ("ddim", "dpmsolver++")
 DIFFUSERS_VAE_TYPES = ("autoencoder_kl", "autoencoder_tiny")
 
 
-def check_vae(source: Source) -> None:
+def check_vae(data_manifest: Manifest) -> None:
     """Refuse a VAE the pipeline cannot hold or would decode differently."""
-    record = source.data_manifest.models.get("vae") or {}
+    record = data_manifest.models.get("vae") or {}
     kind = record.get("type")
     if kind not in DIFFUSERS_VAE_TYPES:
         raise ExportRefused(f"diffusers export refused: VAE type {kind!r} is not a diffusers class "
@@ -38,17 +38,17 @@ def check_vae(source: Source) -> None:
         raise ExportRefused(f"diffusers export refused: VAE weights {local} are missing; fix: restore them")
 
 
-def check_text_encoder(source: Source) -> None:
-    weights = (source.data_manifest.models.get("text_encoder") or {}).get("weights")
+def check_text_encoder(data_manifest: Manifest) -> None:
+    weights = (data_manifest.models.get("text_encoder") or {}).get("weights")
     if weights and os.path.sep in weights and not os.path.exists(weights):
         raise ExportRefused(f"export refused: text encoder weights {weights} are missing; fix: restore them")
 
 
-def check_diffusers(source: Source) -> None:
-    """Every check a diffusers folder needs, before anything is written."""
-    check_vae(source)
-    check_text_encoder(source)
-    check_text_states(source, "diffusers")
+def check_diffusers(data_manifest: Manifest) -> None:
+    """Every check a diffusers folder needs, before anything is written (or trained)."""
+    check_vae(data_manifest)
+    check_text_encoder(data_manifest)
+    check_text_states(data_manifest, "diffusers")
 
 
 def build_pipeline(source: Source, sampler: str = "ddim", encoder: Any = None) -> Any:
@@ -63,7 +63,7 @@ def build_pipeline(source: Source, sampler: str = "ddim", encoder: Any = None) -
 
     if canonical_sampler(sampler) not in PIPELINE_SAMPLERS:
         raise ExportRefused(f"default sampler {sampler!r}: expected one of {list(PIPELINE_SAMPLERS)}")
-    check_diffusers(source)
+    check_diffusers(source.data_manifest)
     encoder = encoder or load_text_encoder_from_manifest(source.data_manifest)
     vae = load_vae_from_manifest(source.data_manifest)
     pipe = StableDiffusionPipeline(
@@ -109,7 +109,7 @@ def write_diffusers_folder(source: Source, out: str, sampler: str = "ddim") -> P
     from latentforge.export.clip_convert import write_tokenizer_files
     from latentforge.models.text_encoder import load_text_encoder_from_manifest
 
-    check_diffusers(source)
+    check_diffusers(source.data_manifest)
     encoder = load_text_encoder_from_manifest(source.data_manifest)
     pipe = build_pipeline(source, sampler, encoder)
     with atomic_dir(out) as tmp:

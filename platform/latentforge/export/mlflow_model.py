@@ -74,6 +74,16 @@ def _requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
 
 
+def check_mlflow(data_manifest: Any, run_id: str | None) -> None:
+    """Every check an MLflow model needs: a training run to log to, and the diffusers folder's."""
+    from latentforge.export.diffusers_folder import check_diffusers
+
+    if not run_id:
+        raise ExportRefused("mlflow export refused: the export records no MLflow training run; fix: train with "
+                            "MLflow tracking on, or export --format diffusers")
+    check_diffusers(data_manifest)
+
+
 def lineage_tags(source: Source) -> dict[str, str]:
     return {"latentforge.source_sha256": source.digest, "latentforge.data_sha256": str(source.data_digest or ""),
             "latentforge.training_run_id": str(source.model.mlflow_run_id or "")}
@@ -89,9 +99,7 @@ def log_export(source: Source, artifact_path: str = "model", register_as: str | 
     from latentforge.tracking import tracking_uri
 
     run_id = source.model.mlflow_run_id
-    if not run_id:
-        raise ExportRefused("mlflow export refused: the export records no MLflow training run; fix: train with "
-                            "MLflow tracking on, or export --format diffusers")
+    check_mlflow(source.data_manifest, run_id)
     mlflow.set_tracking_uri(tracking_uri())
     package = str(Path(__file__).resolve().parent.parent)  # latentforge/, importable by the model code
     with tempfile.TemporaryDirectory(prefix="lf-mlflow-export-") as tmp:

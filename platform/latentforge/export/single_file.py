@@ -130,6 +130,16 @@ def modelspec(source: Source, title: str) -> dict[str, str]:
     }
 
 
+def check_single_file(data_manifest: Any) -> None:
+    """Every check a single file needs: the diffusers folder's, and an AutoencoderKL."""
+    from latentforge.export.diffusers_folder import check_diffusers
+
+    if (data_manifest.models.get("vae") or {}).get("type") != "autoencoder_kl":
+        raise ExportRefused("single-file export refused: the LDM layout holds an AutoencoderKL only; fix: use "
+                            "--format diffusers, or precompute with an AutoencoderKL")
+    check_diffusers(data_manifest)
+
+
 def file_source_digest(path: str) -> str | None:
     from safetensors import safe_open
 
@@ -141,16 +151,13 @@ def write_single_file(source: Source, out: str, title: str | None = None, dtype:
     """Write ``out`` (.safetensors) atomically; the UNet/VAE/text tensors equal the diffusers folder's."""
     from safetensors.torch import save_file
 
-    from latentforge.export.diffusers_folder import build_pipeline, check_diffusers
+    from latentforge.export.diffusers_folder import build_pipeline
     from latentforge.models.text_encoder import load_text_encoder_from_manifest
 
     if not out.endswith(".safetensors"):
         raise ExportRefused(f"--out {out}: a single-file checkpoint is a .safetensors file")
-    if (source.data_manifest.models.get("vae") or {}).get("type") != "autoencoder_kl":
-        raise ExportRefused("single-file export refused: the LDM layout holds an AutoencoderKL only; fix: use "
-                            "--format diffusers, or precompute with an AutoencoderKL")
+    check_single_file(source.data_manifest)
     check_out(out, source.digest, file_source_digest)
-    check_diffusers(source)
     encoder = load_text_encoder_from_manifest(source.data_manifest)
     pipe = build_pipeline(source, encoder=encoder)
     state = ldm_state_dict(pipe, encoder.tower)

@@ -76,9 +76,9 @@ def load_source(model_ref: str) -> Source:
     return Source(model, model.manifest_sha256)
 
 
-def check_text_states(source: Source, target: str) -> None:
+def check_text_states(data_manifest: Manifest, target: str) -> None:
     """Refuse a model conditioned on states the target's pipeline cannot reproduce."""
-    convention = text_state_convention(source.data_manifest)
+    convention = text_state_convention(data_manifest)
     if convention != PIPELINE_TEXT_STATES:
         raise ExportRefused(
             f"{target} export refused: the model was trained on text_states={convention!r} (real tokens + "

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from latentforge.config import ConfigError
+from latentforge.export.target import EXPORT_FORMATS
 from latentforge.tracking import TrackingOptions
 
 
@@ -113,6 +114,9 @@ class TrainConfig(TrackingOptions):
     """Reference image set for in-training FID."""
     eval_num_fid_samples: int = 256
     """Images generated for in-training FID (only with eval_fid_weights)."""
+    export_formats: list[str] = field(default_factory=list)
+    """After the export: also write these (diffusers | single-file | mlflow, see jobs/export_model.py);
+    checked against the data before training starts."""
     trace_dir: Optional[str] = None
     """Debug/test: each rank appends step, loss and sample keys as JSON lines under this directory."""
 
@@ -138,6 +142,9 @@ class TrainConfig(TrackingOptions):
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError("mixed_precision fp16 needs --use-gpu (use bf16 or no on CPU)")
         self._check_eval()
+        unknown = sorted(set(self.export_formats) - set(EXPORT_FORMATS))
+        if unknown:
+            raise ConfigError(f"export_formats: unknown {unknown}; expected some of {list(EXPORT_FORMATS)}")
 
     def _check_eval(self) -> None:
         """In-training eval settings that could not work, refused here instead of warned about in a worker."""
