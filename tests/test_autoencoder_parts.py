@@ -67,6 +67,7 @@ def _stream(shards, position=None, exclude=()) -> aedata.ImageStream:
     ({"l1_weight": 0.0, "l2_weight": 0.0}, "no reconstruction loss"),
     ({"kl_weight": -1.0}, "kl_weight must be >= 0"),
     ({"mixed_precision": "fp16"}, "fp16 needs --use-gpu"),
+    ({"discriminator": True, "disc_layers": 4}, "disc_layers 4 need images of at least 32 px"),
 ])
 def test_config_refuses_bad_values(shards, overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -182,8 +183,9 @@ def test_loss_falls_and_reconstructions_improve(shards) -> None:
     assert after > before + 3.0
 
 
-def test_checkpoint_resume_continues_bit_identically(shards, tmp_path) -> None:
-    config = _config(shards, steps=6)
+@pytest.mark.parametrize("discriminator", [False, True])
+def test_checkpoint_resume_continues_bit_identically(shards, tmp_path, discriminator) -> None:
+    config = _config(shards, steps=6, discriminator=discriminator, disc_layers=2, disc_channels=8, disc_start=2)
     reference, stream = _trainer(config), _stream(shards)
     for _ in range(3):
         reference.train_step(stream.next_batch(4))
@@ -199,6 +201,26 @@ def test_checkpoint_resume_continues_bit_identically(shards, tmp_path) -> None:
         resumed.train_step(stream.next_batch(4))
     for name, tensor in reference.vae.state_dict().items():
         assert torch.equal(tensor, resumed.vae.state_dict()[name]), name
+    if discriminator:
+        for name, tensor in reference.discriminator.state_dict().items():
+            assert torch.equal(tensor, resumed.discriminator.state_dict()[name]), name
+
+
+def test_discriminator_option_starts_at_disc_start_and_trains_both(shards) -> None:
+    config = _config(shards, steps=4, discriminator=True, disc_layers=2, disc_channels=8, disc_start=2,
+                     disc_weight=0.5)
+    trainer, stream = _trainer(config), _stream(shards)
+    initial = {k: v.clone() for k, v in trainer.discriminator.state_dict().items()}
+    seen = []
+    for _ in range(config.steps):
+        trainer.train_step(stream.next_batch(4))
+        seen.append(sorted(trainer.last_terms))
+    assert "g_adv" not in seen[1] and "d_loss" not in seen[1]  # steps 1-2: before disc_start
+    assert {"g_adv", "d_loss"} <= set(seen[2]) and {"g_adv", "d_loss"} <= set(seen[3])
+    terms = trainer.last_terms
+    reconstruction = terms["l1"] + config.kl_weight * terms["kl"]
+    assert terms["total"] == pytest.approx(reconstruction + 0.5 * terms["g_adv"], rel=1e-5)
+    assert any(not torch.equal(v, initial[k]) for k, v in trainer.discriminator.state_dict().items())
 
 
 # -- export ----------------------------------------------------------------------------------------

@@ -61,6 +61,18 @@ class AutoencoderTrainConfig:
     """Backbone of the LPIPS network whose weights lpips_weights holds."""
     lpips_weight: float = 0.1
     """Weight of the LPIPS term (used only with lpips_weights)."""
+    discriminator: bool = False
+    """Add a PatchGAN discriminator (hinge loss) and its adversarial term to the autoencoder loss."""
+    disc_weight: float = 0.5
+    """Weight of the adversarial term -D(reconstruction) in the autoencoder loss."""
+    disc_start: int = 0
+    """Step from which the discriminator trains and its term counts (SD lets reconstructions settle first)."""
+    disc_layers: int = 3
+    """Stride-2 convolutions of the discriminator; its patches grow with it (3 needs >= 16 px images)."""
+    disc_channels: int = 64
+    """Channels of the discriminator's first convolution (doubling per layer, at most 8x)."""
+    disc_lr: float = 0.0
+    """Discriminator learning rate (AdamW, same schedule); 0 = lr."""
     sample_posterior: bool = True
     """Decode a posterior sample during training (True, as SD does) or the posterior mean."""
     seed: int = 0
@@ -99,11 +111,12 @@ class AutoencoderTrainConfig:
     def __post_init__(self) -> None:
         for name in ("layers_per_block", "latent_channels", "norm_num_groups", "resolution", "steps", "batch_size",
                      "scale_samples", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "grid_scale"):
+                     "grid_scale", "disc_layers", "disc_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "l1_weight", "l2_weight", "kl_weight",
-                     "lpips_weight", "val_samples", "eval_every", "max_failures"):
+                     "lpips_weight", "val_samples", "eval_every", "max_failures", "disc_weight", "disc_start",
+                     "disc_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.cpus_per_worker <= 0:
@@ -113,6 +126,9 @@ class AutoencoderTrainConfig:
         if self.l1_weight == 0 and self.l2_weight == 0:
             raise ConfigError("l1_weight and l2_weight are both 0: there would be no reconstruction loss")
         self._check_architecture()
+        if self.discriminator and self.resolution < 2 ** (self.disc_layers + 1):
+            raise ConfigError(f"disc_layers {self.disc_layers} need images of at least {2 ** (self.disc_layers + 1)} "
+                              f"px, resolution is {self.resolution}")
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError("mixed_precision fp16 needs --use-gpu (use bf16 or no on CPU)")
 

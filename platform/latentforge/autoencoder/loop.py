@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from latentforge.autoencoder.config import AutoencoderTrainConfig
-from latentforge.autoencoder.losses import AutoencoderLoss
+from latentforge.autoencoder.losses import AutoencoderLoss, PatchDiscriminator, discriminator_loss
 from latentforge.precompute.preprocess import to_pixels
 from latentforge.training import checkpoint as ckpt
 from latentforge.training.loop import StepResult, make_adamw, warmup_cosine
@@ -62,17 +62,40 @@ class AutoencoderTrainer:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         module = EncodeDecode(build_autoencoder(config)).to(self.device).train()
         optimizer, self.optimizer_kind = make_adamw(list(module.parameters()), config, self.device)
-        self.model, self.optimizer = accelerator.prepare(module, optimizer)
-        if accelerator.num_processes == 1 and isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
-            self.model = self.model.module  # a 1-worker Ray Train group needs no gradient buckets
+        self.model, self.optimizer = self._prepare(module, optimizer)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             getattr(self.optimizer, "optimizer", self.optimizer),
             lambda s: warmup_cosine(s, config.warmup_steps, config.steps, config.min_lr_ratio))
         self.loss = AutoencoderLoss(config, self.device)
+        self.discriminator = self.disc_optimizer = None
+        if config.discriminator:
+            self._build_discriminator()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed * 1_000_003 + 7919 * (rank + 1))
         self.step = self.skipped_steps = self.samples_seen = 0
         self.last_terms: dict[str, float] = {}
+
+    def _prepare(self, module: torch.nn.Module, optimizer: Any) -> tuple[torch.nn.Module, Any]:
+        model, optimizer = self.accelerator.prepare(module, optimizer)
+        if self.accelerator.num_processes == 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # a 1-worker Ray Train group needs no gradient buckets
+        return model, optimizer
+
+    def _build_discriminator(self) -> None:
+        config = self.config
+        module = PatchDiscriminator(config.disc_layers, config.disc_channels).to(self.device).train()
+        optimizer, _ = make_adamw(list(module.parameters()), config, self.device)
+        for group in optimizer.param_groups:
+            group["lr"] = config.disc_lr or config.lr
+        self.discriminator, self.disc_optimizer = self._prepare(module, optimizer)
+        self.disc_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            getattr(self.disc_optimizer, "optimizer", self.disc_optimizer),
+            lambda s: warmup_cosine(s, config.warmup_steps, config.steps, config.min_lr_ratio))
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the discriminator trains (and its term counts) at this step."""
+        return self.discriminator is not None and self.step >= self.config.disc_start
 
     @property
     def vae(self) -> Any:
@@ -89,6 +112,9 @@ class AutoencoderTrainer:
         with acc.autocast():
             reconstruction, mean, logvar = self.model(pixels, self.generator, self.config.sample_posterior)
         terms = self.loss(pixels, reconstruction, mean, logvar)
+        if self.adversarial:
+            terms["g_adv"] = self._generator_adversarial(reconstruction)
+            terms["total"] = terms["total"] + self.config.disc_weight * terms["g_adv"]
         acc.backward(terms["total"])
         local = terms["total"].detach().float()
         flags = torch.stack([local, (~torch.isfinite(local)).float()])
@@ -99,6 +125,8 @@ class AutoencoderTrainer:
         lr = self.lr_scheduler.get_last_lr()[0]
         skipped = bool(flags[1] > 0) or not math.isfinite(grad_norm)
         self._apply(skipped)
+        if self.adversarial and not skipped:
+            terms["d_loss"] = self._discriminator_step(pixels, reconstruction.detach())
         self.step += 1
         self.samples_seen += len(images) * acc.num_processes
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
@@ -118,6 +146,26 @@ class AutoencoderTrainer:
             else:
                 self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _generator_adversarial(self, reconstruction: torch.Tensor) -> torch.Tensor:
+        """-mean D(x'): gradients reach the autoencoder only (D is frozen for this forward)."""
+        critic = self.accelerator.unwrap_model(self.discriminator)
+        critic.requires_grad_(False)
+        try:
+            return -critic(reconstruction.float()).mean()
+        finally:
+            critic.requires_grad_(True)
+
+    def _discriminator_step(self, pixels: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """One hinge-loss step of D on real images and detached reconstructions (one forward, for DDP)."""
+        real_logits, fake_logits = self.discriminator(torch.cat([pixels, fake.float()])).chunk(2)
+        loss = discriminator_loss(real_logits, fake_logits)
+        self.accelerator.backward(loss)
+        if torch.isfinite(loss):
+            self.disc_optimizer.step()
+            self.disc_scheduler.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     @torch.no_grad()
     def reconstruct(self, images: np.ndarray, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +194,10 @@ class AutoencoderTrainer:
             return
         ckpt.write_part(directory, "model", self.vae.state_dict())
         ckpt.write_part(directory, "optimizer", self.optimizer.state_dict())
+        if self.discriminator is not None:
+            ckpt.write_part(directory, "discriminator", {
+                "model": self.accelerator.unwrap_model(self.discriminator).state_dict(),
+                "optimizer": self.disc_optimizer.state_dict(), "lr_scheduler": self.disc_scheduler.state_dict()})
         ckpt.write_part(directory, "trainer", {
             "step": self.step, "skipped_steps": self.skipped_steps, "samples_seen": self.samples_seen,
             "lr_scheduler": self.lr_scheduler.state_dict(), "optimizer_kind": self.optimizer_kind, **extra})
@@ -161,8 +213,18 @@ class AutoencoderTrainer:
         self.vae.load_state_dict(ckpt.read_part(directory, "model", device=self.device))
         self.optimizer.load_state_dict(ckpt.read_part(directory, "optimizer", device=self.device))
         self.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        if self.discriminator is not None:
+            self._load_discriminator(directory)
         self.generator.set_state(rank_state.pop("generator").to(torch.uint8).cpu())
         self.step = int(trainer_state["step"])
         self.skipped_steps = int(trainer_state["skipped_steps"])
         self.samples_seen = int(trainer_state["samples_seen"])
         return trainer_state, rank_state
+
+    def _load_discriminator(self, directory: str) -> None:
+        if not ckpt.has_part(directory, "discriminator"):
+            raise ckpt.CheckpointError(f"{directory} has no discriminator but this run uses --discriminator")
+        state = ckpt.read_part(directory, "discriminator", device=self.device)
+        self.accelerator.unwrap_model(self.discriminator).load_state_dict(state["model"])
+        self.disc_optimizer.load_state_dict(state["optimizer"])
+        self.disc_scheduler.load_state_dict(state["lr_scheduler"])

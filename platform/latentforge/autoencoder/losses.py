@@ -4,6 +4,10 @@ loss = l1_weight * |x - x'| + l2_weight * (x - x')^2     (pixel means, x in [-1,
      + kl_weight * KL(q(z|x) || N(0, I))                  (summed over the latent, mean over the batch,
                                                             as diffusers' train_autoencoderkl example)
      + lpips_weight * LPIPS(x, x')                        (only with a local weights file)
+     + disc_weight * -D(x')                               (only with --discriminator, from disc_start)
+
+D is a PatchGAN discriminator trained with the hinge loss on real images and detached
+reconstructions (`discriminator_loss`), the adversarial part of SD's VAE recipe.
 
 LPIPS is torchmetrics' network built with `pretrained=False, pnet_rand=True` (which downloads
 nothing) and then given the state dict from the local safetensors file, so the perceptual term
@@ -68,6 +72,34 @@ class AutoencoderLoss:
             total = total + self.lpips_weight * terms["lpips"]
         terms["total"] = total
         return terms
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """PatchGAN (pix2pix; taming-transformers' NLayerDiscriminator): one logit per image patch.
+
+    GroupNorm instead of BatchNorm, so the statistics need no synchronisation across DDP ranks.
+    """
+
+    def __init__(self, layers: int = 3, channels: int = 64) -> None:
+        super().__init__()
+        modules: list[torch.nn.Module] = [torch.nn.Conv2d(3, channels, 4, 2, 1), torch.nn.LeakyReLU(0.2)]
+        width = channels
+        for level in range(1, layers):
+            out = channels * min(2 ** level, 8)
+            modules += [torch.nn.Conv2d(width, out, 4, 2, 1, bias=False), torch.nn.GroupNorm(min(32, out // 4), out),
+                        torch.nn.LeakyReLU(0.2)]
+            width = out
+        modules.append(torch.nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = torch.nn.Sequential(*modules)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> logits (B, 1, h, w)."""
+        return self.net(pixels)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss: mean(relu(1 - D(x))) + mean(relu(1 + D(x')))."""
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
