@@ -10,18 +10,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
-import sys
-import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.harness.ray_head import free_port
+from tests.harness.serve_local import ServeLocal
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -259,26 +255,11 @@ def test_submit_sh_refuses_missing_job_and_missing_token(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_serve_local_sh_starts_a_loopback_mlflow_server(tmp_path) -> None:
-    port = free_port()
-    env = dict(os.environ, MLFLOW_PORT=str(port), MLFLOW_STORE=str(tmp_path / "store"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.Popen(["bash", str(INFRA / "mlflow" / "serve_local.sh")], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = ServeLocal(tmp_path / "store")
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                    assert resp.status == 200
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "serve_local.sh: no server in 240 s"
-                time.sleep(0.5)
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{server.port}"], capture_output=True, text=True).stdout
         if listening:  # ss is optional; when present, the only listener is loopback
             assert all("127.0.0.1:" in line for line in listening.splitlines() if line.strip())
         assert (tmp_path / "store" / "mlflow.db").exists()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        server.stop()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from latentforge.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 LOCAL_STORE_DIR = "mlruns"
@@ -42,6 +44,22 @@ def tracking_uri() -> str:
     store = Path(LOCAL_STORE_DIR).resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def check_store_outlives_job() -> None:
+    """Refuse the local default store when this process runs in Ray's copy of a submitted working dir.
+
+    `ray job submit --working-dir .` runs the job in /tmp/ray/session_*/runtime_resources/
+    working_dir_files/...: a ./mlruns there is not the one `make mlflow` serves, and it is
+    deleted with the cluster's session.
+    """
+    parts = Path.cwd().parts
+    if not os.environ.get("MLFLOW_TRACKING_URI") and "runtime_resources" in parts and "working_dir_files" in parts:
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI is not set and this job runs in Ray's temporary copy of its working dir "
+            f"({Path.cwd()}), where ./mlruns would be lost: start `make mlflow` and submit with "
+            "infra/submit.sh (it forwards your MLFLOW_TRACKING_URI) or --runtime-env-json "
+            "'{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://127.0.0.1:5000\"}}', or pass --no-mlflow")
 
 
 def _local_artifact_root(uri: str) -> str | None:
@@ -94,6 +112,7 @@ class StageRun:
     def __enter__(self) -> "StageRun":
         # Disabled (a job's `--no-mlflow`): every method below is then a no-op, as in an outage.
         if self.enabled:
+            check_store_outlives_job()  # a usage error, not an outage: it must stop the stage
             _safe("start", self._start)
         return self
 
