@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from jobs import _bootstrap
+from latentforge.autoencoder.config import AutoencoderTrainConfig
 from latentforge.config import parse_config
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.training import runs
@@ -52,18 +54,23 @@ def _exit_code(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 2
 
 
-def _train_checks(command: Command, flags: list[str]) -> None:
-    config = parse_config(TrainConfig, flags, preset_dir=_bootstrap.PRESETS / "train")
-    assert config.data, "train refuses to start without --data"
-    machines = [f"10.0.0.{i}" for i in range(command.machines)]
-    runs.check_storage(config.storage_path, machines, config.storage_is_shared)
+def _training_checks(config_class: type, preset_dir: str) -> Callable[[Command, list[str]], None]:
+    """Training jobs refuse to start without --data, or with node-local storage on several machines."""
+    def check(command: Command, flags: list[str]) -> None:
+        config = parse_config(config_class, flags, preset_dir=_bootstrap.PRESETS / preset_dir)
+        assert config.data, f"{command.argv[0]} refuses to start without --data"
+        machines = [f"10.0.0.{i}" for i in range(command.machines)]
+        runs.check_storage(config.storage_path, machines, config.storage_is_shared)
+    return check
 
 
 def _precompute_checks(command: Command, flags: list[str]) -> None:
     parse_config(PrecomputeConfig, flags, preset_dir=_bootstrap.PRESETS / "precompute").require_paths()
 
 
-BEFORE_START = {"jobs/train.py": _train_checks, "jobs/precompute_latents.py": _precompute_checks}
+BEFORE_START = {"jobs/train.py": _training_checks(TrainConfig, "train"),
+                "jobs/train_autoencoder.py": _training_checks(AutoencoderTrainConfig, "train_autoencoder"),
+                "jobs/precompute_latents.py": _precompute_checks}
 
 
 def _relative_paths(flags: list[str]) -> list[str]:

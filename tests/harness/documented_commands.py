@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +32,7 @@ class Command:
     machines: int
     """Machines the deployment gives the job (its workers may land on each)."""
     submitted: bool
-    """Runs from Ray's copy of the working dir (`ray job submit`, `infra/submit.sh`)."""
+    """Runs from Ray's copy of the working dir (`ray job submit`, `infra/submit.sh`); else where it is typed."""
 
 
 def parse_command(line: str, source: str, machines: int) -> Command | None:
@@ -81,8 +81,9 @@ def comment_lines(path: Path) -> list[str]:
 
 
 def commands_in(lines: list[str], name: str, machines: int) -> list[Command]:
+    """Commands in `lines`; submitted ones get `machines`, a plain `python jobs/X.py` its embedded Ray's one."""
     found = (parse_command(text, f"{name}:{number}", machines) for number, text in logical_lines(lines))
-    return [command for command in found if command is not None]
+    return [command if command.submitted else replace(command, machines=1) for command in found if command]
 
 
 def rayjob_commands() -> list[Command]:
@@ -92,7 +93,8 @@ def rayjob_commands() -> list[Command]:
             if doc and doc.get("kind") == "RayJob":
                 groups = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
                 machines = sum(group["maxReplicas"] for group in groups)
-                out += commands_in([doc["spec"]["entrypoint"]], f"k8s/{path.name}:entrypoint", machines)
+                (command,) = commands_in([doc["spec"]["entrypoint"]], f"k8s/{path.name}:entrypoint", 1)
+                out.append(replace(command, machines=machines))  # the RayJob's cluster runs it
     return out
 
 
