@@ -204,6 +204,24 @@ def test_resume_reads_no_tar_bytes_and_verify_finished_catches_same_size_corrupt
     assert faulty_fs.tar_bytes_read(out) == sum(p.stat().st_size for p in out.glob("*.tar"))
 
 
+@pytest.mark.slow
+def test_shards_an_older_version_published_incomplete_are_redone(data, reference, tmp_path) -> None:
+    """Older versions published a broken-off input as complete (skip reason corrupt_shard_tail) and wrote no
+    sizes: a resume re-hashes the others and redoes that one."""
+    out = tmp_path / "latents"
+    shutil.copytree(reference, out)
+    manifest = read_manifest(str(out))
+    for record in manifest.shards:
+        record.size = None
+    manifest.shard("00001").stats["skipped"]["corrupt_shard_tail"] = 1
+    write_manifest(str(out), manifest)
+    config = parse_config(PrecomputeConfig, _args(data, data["ingest"].dir, faulty_fs.uri(out)),
+                          preset_dir=_bootstrap.PRESETS / "precompute")
+    plan = plan_run(config)
+    assert sorted(plan.done) == ["00000"] and [s.name for s in plan.pending] == ["00001"]
+    assert faulty_fs.tar_bytes_read(out) == (out / "00000.tar").stat().st_size  # no size recorded: re-hashed
+
+
 def test_manifest_without_sizes_is_resumed_by_hash(data, tmp_path) -> None:
     """Manifests written before `size` was recorded still resume: their shards are re-hashed."""
     manifest = read_manifest(str(data["ingest"].dir))

@@ -14,6 +14,8 @@ from latentforge.precompute.config import ENCODER_SETTINGS, PrecomputeConfig
 from latentforge.precompute.preprocess import preprocessing_record
 
 EMPTY_FILES = ("empty_text.npy", "empty_pooled.npy")
+LEGACY_TRUNCATED = "corrupt_shard_tail"
+"""Skip reason older versions recorded when they published a shard whose input tar broke off."""
 
 
 @dataclass
@@ -53,6 +55,8 @@ def _still_done(config: PrecomputeConfig, record: ShardRecord, input_sha256: str
     """Keep a finished shard when its input is unchanged, it is not a partial publish (those are retried)
     and its tar is still the one recorded: by size (a stat), or by sha256 with --verify-finished."""
     if input_sha256 != record.stats.get("input_sha256") or record.stats.get("partial"):
+        return False
+    if LEGACY_TRUNCATED in record.stats.get("skipped", {}):  # published incomplete by an older version
         return False
     tar = storage.join(config.output, f"{record.name}.tar")
     return storage.matches_record(tar, record.sha256, record.size, config.verify_finished)
