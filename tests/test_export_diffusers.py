@@ -71,7 +71,7 @@ def _generate_job(source_dir, tmp_path, *extra: str) -> np.ndarray:
     out = tmp_path / "gen"
     proc = run_job("generate", ["--model", str(source_dir), "--prompts", str(prompts), "--out", str(out),
                                 "--sampler", "ddim", "--steps", "8", "--guidance", "3.5", "--no-progress",
-                                "--text-states", "full", "--no-mlflow", *extra], tmp_path)
+                                "--no-mlflow", *extra], tmp_path)  # text states: the manifest's (full)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(np.int16) for i in range(len(PROMPTS))])
 

@@ -35,8 +35,8 @@ class EvaluateConfig(TrackingOptions):
     """Caption i is sampled with seed + i."""
     batch_size: int = 8
     """Images per batch."""
-    text_states: str = "real_tokens"
-    """real_tokens | full (see jobs/generate.py)."""
+    text_states: str = "auto"
+    """auto (the data manifest's) | real_tokens | full (see jobs/generate.py)."""
     fid_weights: str | None = None
     """pt_inception-2015-12-05 weights file, or 'download' (online only); unset = no FID."""
     fid_weights_sha256: str = INCEPTION_SHA256
@@ -62,8 +62,8 @@ class EvaluateConfig(TrackingOptions):
             raise ValueError("num_samples must be >= 2")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
-        if self.text_states not in TEXT_STATE_MODES:
-            raise ValueError(f"text_states must be one of {list(TEXT_STATE_MODES)}")
+        if self.text_states not in ("auto", *TEXT_STATE_MODES):
+            raise ValueError(f"text_states must be auto or one of {list(TEXT_STATE_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}")
 

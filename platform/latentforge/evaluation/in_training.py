@@ -134,7 +134,8 @@ class TrainingEvaluator:
 
         # Latents and text states follow the UNet's dtype (a bf16 EMA copy samples in bf16).
         return Sampler(unet, self.vae, self.text_encoder, self.scheduler_config, device=self.device,
-                       dtype=getattr(unet, "dtype", self.dtype), text_states="real_tokens",
+                       dtype=getattr(unet, "dtype", self.dtype),
+                       text_states=self.data_manifest.extra.get("text_states", "real_tokens"),
                        default_resolution=self.data_manifest.extra.get("resolution"))
 
     @torch.no_grad()

@@ -41,8 +41,9 @@ class GenerateConfig(TrackingOptions):
     """Output height in px (default: the training resolution from the data manifest)."""
     width: int | None = None
     """Output width in px (default: the training resolution)."""
-    text_states: str = "real_tokens"
-    """real_tokens (as training saw them, padded + attention mask) | full (all context_length states, SD-style)."""
+    text_states: str = "auto"
+    """auto (what the data manifest records the model was trained on) | real_tokens (padded + attention mask)
+    | full (all context_length states, SD-style)."""
     device: str = "auto"
     """cpu | cuda | auto (cuda when available)."""
     dtype: str = "fp32"
@@ -70,8 +71,8 @@ class GenerateConfig(TrackingOptions):
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if self.batch_size < 1 or self.concurrency < 1:
             raise ValueError("batch_size and concurrency must be >= 1")
-        if self.text_states not in TEXT_STATE_MODES:
-            raise ValueError(f"text_states must be one of {list(TEXT_STATE_MODES)}")
+        if self.text_states not in ("auto", *TEXT_STATE_MODES):
+            raise ValueError(f"text_states must be auto or one of {list(TEXT_STATE_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}")
         for name in ("height", "width"):

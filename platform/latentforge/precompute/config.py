@@ -13,6 +13,7 @@ from latentforge.tracking import TrackingOptions
 ENCODER_SETTINGS = (
     "input", "vae", "vae_type", "patch_size", "text_encoder", "text_encoder_weights", "text_layer",
     "resolution", "resize_filter", "crop", "latent", "dtype", "compute_dtype", "seed", "keep_empty_captions",
+    "text_states",
 )
 
 
@@ -36,6 +37,10 @@ class PrecomputeConfig(TrackingOptions):
     """open_clip pretrained tag or a local checkpoint file (.safetensors preferred); none = random weights."""
     text_layer: Literal["last", "penultimate"] = "penultimate"
     """Which per-token states to store: last (after ln_final) or penultimate (SD 2.x)."""
+    text_states: Literal["real_tokens", "full"] = "real_tokens"
+    """Which text states a sample stores, i.e. what the UNet is trained and sampled on: real_tokens (start,
+    text, end-of-text; training pads with an attention mask) or full (all context_length states, unmasked:
+    what diffusers' StableDiffusionPipeline feeds, so the model exports to it; docs/export.md)."""
     resolution: int = 256
     """Training resolution: images are resized (shorter side) and cropped to resolution x resolution."""
     resize_filter: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"

@@ -77,7 +77,13 @@ class PrecomputeEncoder:
         pixels = to_pixels(images).to(self.device)
         latents = self.latents(pixels, keys)
         states, lengths, pooled = self.text.encode(captions)
-        return latents.float().cpu(), states.float().cpu(), lengths.cpu(), pooled.float().cpu()
+        return latents.float().cpu(), states.float().cpu(), self.stored_lengths(lengths).cpu(), pooled.float().cpu()
+
+    def stored_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """States stored per caption: its real tokens, or all context_length for text_states=full."""
+        if self.config.text_states == "full":
+            return torch.full_like(lengths, self.text.context_length)
+        return lengths
 
     def encode_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows with status ``ok`` get ``latent``, ``text``, ``text_length``, ``pooled``; others zeros.
@@ -118,7 +124,7 @@ class PrecomputeEncoder:
     def empty_caption(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(text (L, D), pooled (D,), L) of the empty caption, in the storage dtype."""
         states, lengths, pooled = self.text.encode([""])
-        length = int(lengths[0])
+        length = int(self.stored_lengths(lengths)[0])
         return (tensor_to_storage(states[0, :length].float(), self.config.dtype),
                 tensor_to_storage(pooled[0].float(), self.config.dtype), length)
 

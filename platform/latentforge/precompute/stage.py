@@ -99,6 +99,7 @@ def build_manifest(config: PrecomputeConfig, plan: Plan, records: dict[str, Shar
             "latent": config.latent,
             "latent_shape": list(latent_shape),
             "resolution": config.resolution,
+            "text_states": config.text_states,
             "preprocessing": preprocessing_record(config.resolution, config.resize_filter, config.crop, config.seed),
             "empty_caption": empty or {},
             "fidelity": fidelity or {},
