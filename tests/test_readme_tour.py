@@ -121,7 +121,8 @@ def test_tour_runs_land_in_the_store_make_mlflow_serves(tour_cluster, tmp_path) 
     try:
         for line in submits:
             done = _run(line, env)
-            assert done.returncode == 0 and "succeeded" in done.stdout, line + "\n" + (done.stdout + done.stderr)[-4000:]
+            logs = done.stdout + done.stderr
+            assert done.returncode == 0 and "succeeded" in done.stdout, f"{line}\n{logs[-4000:]}"
         refused = _run(f"ray job submit --working-dir . -- python jobs/precompute_latents.py --preset tiny --input "
                        f"{tmp_path}/lf/shards --output {tmp_path}/lf/refused --no-progress",
                        {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"})
