@@ -7,7 +7,7 @@ The export (STORAGE/RUN_NAME/export) is an ordinary AutoencoderKL directory with
 scaling factor measured on the data: `python jobs/precompute_latents.py --vae EXPORT
 --vae-type autoencoder_kl ...`. Rerunning with the same --run-name resumes from its latest
 checkpoint. --print-config shows the resolved settings; `--preset` picks
-jobs/configs/train_autoencoder/<name>.yaml (tiny, default).
+jobs/configs/train_autoencoder/<name>.yaml (tiny, demo, default).
 """
 
 from __future__ import annotations

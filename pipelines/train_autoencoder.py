@@ -116,7 +116,7 @@ def run(config: AutoencoderTrainConfig) -> AutoencoderResult:
         if previous is None:
             runs.write_run_state(config.storage_path, config.run_name, {
                 "mlflow_run_id": tracking.run_id, "data_dir": config.data, "num_workers": config.num_workers,
-                "data_manifest_sha256": work["digest"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
+                "data_manifest_sha256": work["digest"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             tracking.log_params({**resolved, "derived": {"global_batch": config.global_batch,
                                                          "held_out": len(work["val_keys"])}})
             tracking.log_manifest(config.data, work["digest"], "input")

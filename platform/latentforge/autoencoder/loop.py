@@ -56,6 +56,8 @@ class EncodeDecode(torch.nn.Module):
 
 
 class AutoencoderTrainer:
+    """One rank's AutoencoderKL (wrapped for DDP by Accelerate), its optimiser, schedule and loss."""
+
     def __init__(self, config: AutoencoderTrainConfig, accelerator: Any, rank: int = 0) -> None:
         self.config, self.accelerator, self.rank = config, accelerator, rank
         self.device = accelerator.device
