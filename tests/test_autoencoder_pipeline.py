@@ -15,7 +15,7 @@ import torch
 from latentforge import formats
 from latentforge.manifest import read_manifest
 from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample, to_pixels
-from latentforge.precompute.writer import iter_latent_shard
+from latentforge.tar_samples import iter_shard
 from tests.harness.ingest_shards import write_ingest_shards
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_precompute_with_the_export_equals_a_direct_diffusers_encode(trained, tm
     compared = 0
     for shard in ("00000", "00001"):
         inputs = {s.key: s for s in iter_ingest_shard(str(trained["root"] / "shards" / f"{shard}.tar"))}
-        for key, members in iter_latent_shard(str(out / f"{shard}.tar")):
+        for key, members in iter_shard(str(out / f"{shard}.tar")):
             image = preprocess_sample(inputs[key], RES, "bicubic", "center", 0, False)[1]
             with torch.no_grad():
                 expected = vae.encode(to_pixels(image[None])).latent_dist.mean * scale
@@ -113,3 +113,19 @@ def test_train_refuses_a_unet_whose_channels_differ_from_the_autoencoder(trained
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in_channels 8 but the latents have 4 channels" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_two_workers_with_the_discriminator_checkpoint_each_rank_and_export(trained, monkeypatch) -> None:
+    """DDP over two Ray Train workers, one shard each; every rank's stream position is checkpointed."""
+    from jobs.train_autoencoder import main
+
+    root = trained["root"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    assert main([*_args(root, "ae2", 3), "--num-workers", "2", "--discriminator", "--disc-layers", "2",
+                 "--disc-channels", "8"]) == 0
+    manifest = read_manifest(str(root / "runs" / "ae2" / "export"), stage="autoencoder")
+    assert manifest.extra["step"] == 3 and manifest.counts["samples_seen"] == 3 * 4 * 2
+    checkpoints = sorted((root / "runs" / "ae2").glob("checkpoint_*"))
+    assert checkpoints, "no checkpoint written"
+    names = {p.name for p in checkpoints[-1].iterdir()}
+    assert {"rank0.json", "rank1.json", "model.safetensors", "discriminator.safetensors"} <= names

@@ -20,7 +20,8 @@ from latentforge.precompute.fidelity import relative_error
 from latentforge.precompute.preprocess import (crop_offset, iter_ingest_shard, preprocess_image, preprocess_sample,
                                                to_pixels)
 from latentforge.precompute.stage import plan_run
-from latentforge.precompute.writer import ShardWriter, iter_latent_shard
+from latentforge.precompute.writer import ShardWriter
+from latentforge.tar_samples import iter_shard
 from tests.harness.ingest_shards import write_ingest_shards
 
 
@@ -138,7 +139,7 @@ def test_writer_is_atomic_and_reproducible(tmp_path) -> None:
     a, b = write(tmp_path / "a"), write(tmp_path / "b")
     assert a.sha256 == b.sha256 and a.samples == 3 and a.stats["skipped"] == {"undecodable_image": 1}
     assert a.stats["latent_mean"] == pytest.approx(1.0) and a.stats["latent_std"] == pytest.approx((2 / 3) ** 0.5)
-    members = dict(iter_latent_shard(str(tmp_path / "a" / "00007.tar")))
+    members = dict(iter_shard(str(tmp_path / "a" / "00007.tar")))
     assert sorted(members["000070001"]) == ["json", "latent.npy", "pooled.npy", "text.npy", "txt"]
     text = formats.storage_to_tensor(formats.decode_npy(members["000070001"]["text.npy"]), "bf16")
     assert text.shape == (5, 8) and text.dtype == torch.bfloat16

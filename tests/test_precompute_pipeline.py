@@ -25,7 +25,7 @@ from latentforge import formats, storage
 from latentforge.manifest import read_manifest
 from latentforge.models.testing import TINY_CLIP_NAME, save_tiny_autoencoder_kl, save_tiny_clip_checkpoint
 from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample, to_pixels
-from latentforge.precompute.writer import iter_latent_shard
+from latentforge.tar_samples import iter_shard
 from tests.harness.ingest_shards import write_ingest_shards
 from tests.harness.ray_head import VENV_BIN
 
@@ -62,7 +62,7 @@ def _tar_hashes(out: Path) -> dict[str, str]:
 
 
 def _keys(out: Path) -> list[str]:
-    return sorted(k for p in sorted(out.glob("*.tar")) for k, _ in iter_latent_shard(str(p)))
+    return sorted(k for p in sorted(out.glob("*.tar")) for k, _ in iter_shard(str(p)))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_stored_arrays_equal_direct_diffusers_and_open_clip(data, reference) -> 
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     for shard in ("00000", "00001"):
         inputs = {s.key: s for s in iter_ingest_shard(str(info.dir / f"{shard}.tar"))}
-        for key, members in iter_latent_shard(str(reference / f"{shard}.tar")):
+        for key, members in iter_shard(str(reference / f"{shard}.tar")):
             assert sorted(members) == ["json", "latent.npy", "pooled.npy", "text.npy", "txt"]
             status, image, record = preprocess_sample(inputs[key], 32, "bicubic", "center", 0, False)
             assert status == "ok"

@@ -19,7 +19,7 @@ from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.encode import PrecomputeEncoder
 from latentforge.precompute.preprocess import preprocess_sample
 from latentforge.precompute.shard_input import ShardRead, read_shard
-from latentforge.precompute.writer import iter_latent_shard
+from latentforge.tar_samples import iter_shard
 
 
 def relative_error(stored: torch.Tensor, reference: torch.Tensor) -> float:
@@ -38,7 +38,7 @@ def choose_items(output_dir: str, shard_names: list[str], n: int, seed: int) -> 
     for name in order:
         if remaining <= 0:
             break
-        keys = [key for key, _ in iter_latent_shard(storage.join(output_dir, f"{name}.tar"))]
+        keys = [key for key, _ in iter_shard(storage.join(output_dir, f"{name}.tar"))]
         picked = sorted(rng.sample(keys, min(len(keys), remaining)))
         if picked:
             chosen[name] = picked
@@ -59,7 +59,7 @@ def check_fidelity(config: PrecomputeConfig, shard_names: list[str], device: str
     worst: dict[str, Any] = {}
     for shard, keys in chosen.items():
         wanted = set(keys)
-        stored = {k: m for k, m in iter_latent_shard(storage.join(config.output, f"{shard}.tar")) if k in wanted}
+        stored = {k: m for k, m in iter_shard(storage.join(config.output, f"{shard}.tar")) if k in wanted}
         inputs = {}
         source = ShardRead(storage.join(config.input, f"{shard}.tar"), sha256="")  # its hash was checked when encoded
         for sample in read_shard(source, config.read_retries, config.read_backoff_s):

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from latentforge import formats, storage
+from latentforge import formats, tar_samples
 
 FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
            "lanczos": Image.Resampling.LANCZOS}
@@ -74,38 +73,10 @@ class IngestSample:
         return None
 
 
-def split_member(name: str) -> tuple[str, str]:
-    """WebDataset convention: ``dir/KEY.ext.more`` -> (KEY, ``ext.more``)."""
-    base = name.rsplit("/", 1)[-1]
-    key, _, ext = base.partition(".")
-    return key, ext
-
-
 def iter_ingest_shard(uri: str) -> Iterator[IngestSample]:
     """Stream the samples of one WebDataset tar (members grouped by key, in tar order)."""
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        yield from iter_tar_samples(handle)
-
-
-def iter_tar_samples(handle: IO[bytes]) -> Iterator[IngestSample]:
-    """The samples of a WebDataset tar read from an open binary stream, in tar order."""
-    with tarfile.open(fileobj=handle, mode="r|*") as tar:
-        current: IngestSample | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member(member.name)
-            if not key or not ext:
-                continue
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            if current is None or current.key != key:
-                if current is not None:
-                    yield current
-                current = IngestSample(key)
-            current.members[ext] = data
-        if current is not None:
-            yield current
+    for key, members in tar_samples.iter_shard(uri):
+        yield IngestSample(key, members)
 
 
 def crop_offset(size: tuple[int, int], resolution: int, crop: str, seed: int, key: str) -> tuple[int, int]:

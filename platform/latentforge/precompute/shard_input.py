@@ -17,8 +17,8 @@ from typing import IO, Iterator
 
 from fsspec.exceptions import FSTimeoutError
 
-from latentforge import storage
-from latentforge.precompute.preprocess import IngestSample, iter_tar_samples
+from latentforge import storage, tar_samples
+from latentforge.precompute.preprocess import IngestSample
 
 TRANSIENT_ERRORS = (OSError, FSTimeoutError)
 
@@ -75,10 +75,10 @@ def _read_once(read: ShardRead) -> Iterator[IngestSample]:
     fs, path = storage.filesystem(read.uri)
     with fs.open(path, "rb") as handle:
         stream = HashingReader(handle)
-        for index, sample in enumerate(iter_tar_samples(stream)):  # type: ignore[arg-type]
+        for index, (key, members) in enumerate(tar_samples.iter_tar_samples(stream)):  # type: ignore[arg-type]
             if index >= read.delivered:
                 read.delivered += 1
-                yield sample
+                yield IngestSample(key, members)
         digest = stream.drain()
     read.error = ""
     if read.sha256 and digest != read.sha256:

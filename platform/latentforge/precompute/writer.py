@@ -12,14 +12,14 @@ import logging
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable
 
 import numpy as np
 
 from latentforge import formats, storage
 from latentforge.manifest import ShardRecord
 from latentforge.precompute.config import PrecomputeConfig
-from latentforge.precompute.preprocess import STATUS_OK, split_member
+from latentforge.precompute.preprocess import STATUS_OK
 
 log = logging.getLogger("latentforge.precompute")
 
@@ -209,21 +209,3 @@ class ShardSink:
         """Drop the temp files of shards still open (an interrupted or failed run)."""
         for writer in self.writers.values():
             writer.abort()
-
-
-def iter_latent_shard(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) per sample of a latent tar, in order."""
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-        key, members = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, ext = split_member(member.name)
-            if key is not None and k != key:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-        if key is not None:
-            yield key, members

@@ -23,14 +23,13 @@ replayed exactly, hence one deterministic dataset per rank.
 
 from __future__ import annotations
 
-import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from latentforge import formats, storage
+from latentforge import formats, storage, tar_samples
 from latentforge.manifest import Manifest
 
 TAR_FIELDS = ("latent.npy", "text.npy")
@@ -245,19 +244,8 @@ def read_positions(data_dir: str, plan: DataPlan, positions: Iterable[int]) -> l
                 by_shard.setdefault(name, set()).add(pos - offset)
     rows: list[dict[str, Any]] = []
     for name, indices in by_shard.items():
-        fs, path = storage.filesystem(storage.join(data_dir, f"{name}.tar"))
-        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-            samples: dict[str, dict[str, Any]] = {}
-            order: list[str] = []
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, suffix = member.name.rpartition("/")[-1].partition(".")
-                if key not in samples:
-                    samples[key] = {"__key__": key}
-                    order.append(key)
-                if suffix in TAR_FIELDS:
-                    samples[key][suffix] = tar.extractfile(member).read()
-            rows.extend(samples[order[i]] for i in sorted(indices))
+        for index, (key, members) in enumerate(tar_samples.iter_shard(storage.join(data_dir, f"{name}.tar"))):
+            if index in indices:
+                rows.append({"__key__": key, **{s: d for s, d in members.items() if s in TAR_FIELDS}})
     return rows
 

@@ -1,0 +1,67 @@
+"""Every stage splits a tar member name into (key, suffix) the same way: webdataset's rule.
+
+A tar written with directories whose names hold dots and multi-dot suffixes is read through each
+stage's reader (precompute's ingest reader and its retrying reader, train's validation reader,
+the eval-set reader) and each must see the samples `ray.data.read_webdataset` would see.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from ray.data._internal.datasource.webdataset_datasource import _base_plus_ext
+
+from latentforge import storage
+from latentforge.precompute.preprocess import iter_ingest_shard
+from latentforge.precompute.shard_input import ShardRead, read_shard
+from latentforge.tar_samples import iter_shard
+from latentforge.training.data import DataPlan, read_positions
+
+NAMES = ["run.v1/part.2/00000001.latent.npy", "run.v1/part.2/00000001.text.npy", "run.v1/part.2/00000001.txt",
+         "run.v1/part.2/00000002.latent.npy", "run.v1/part.2/00000002.text.npy", "run.v1/part.2/00000002.txt"]
+
+
+def _write_tar(path: Path) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in NAMES:
+            data = name.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _expected() -> list[tuple[str, dict[str, bytes]]]:
+    """The samples by Ray's own key rule (the reader the Ray pipelines use)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for name in NAMES:
+        key, suffix = _base_plus_ext(name)
+        samples.setdefault(key, {})[suffix] = name.encode()
+    return list(samples.items())
+
+
+@pytest.fixture
+def shard(tmp_path) -> Path:
+    _write_tar(tmp_path / "00000.tar")
+    return tmp_path / "00000.tar"
+
+
+def test_keys_keep_dotted_directories_and_multi_dot_suffixes(shard) -> None:
+    expected = _expected()
+    assert [key for key, _ in expected] == ["run.v1/part.2/00000001", "run.v1/part.2/00000002"]
+    assert sorted(expected[0][1]) == ["latent.npy", "text.npy", "txt"]
+    assert list(iter_shard(str(shard))) == expected
+
+
+def test_every_stage_reader_splits_names_the_same_way(shard) -> None:
+    expected = _expected()
+    assert [(s.key, s.members) for s in iter_ingest_shard(str(shard))] == expected
+    read = ShardRead(str(shard), storage.sha256_file(str(shard)))
+    assert [(s.key, s.members) for s in read_shard(read, retries=0, backoff_s=0.0)] == expected
+    assert read.error == ""
+    plan = DataPlan(["00000"], [2], world_size=1, samples_per_step=1, shuffle_buffer=1, seed=0, val_samples=2)
+    rows = read_positions(str(shard.parent), plan, [0, 1])
+    assert [(row.pop("__key__"), row) for row in rows] == [(k, {s: m[s] for s in ("latent.npy", "text.npy")})
+                                                            for k, m in expected]
