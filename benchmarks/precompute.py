@@ -1,6 +1,6 @@
 """Precompute throughput: the Ray Data pipeline vs a plain single-process loop on the same shards.
 
-    .venv/bin/python benchmarks/precompute.py                      # CPU, tiny models (the recorded case)
+    .venv/bin/python benchmarks/precompute.py                      # CPU, tiny models, the job's defaults (no flags)
     .venv/bin/python benchmarks/precompute.py --gpu                # SD-sized AutoencoderKL, 256 px, bf16
 
 Both sides encode the same ingest-format shards with the same encoders (`PrecomputeEncoder`),
@@ -23,6 +23,7 @@ report the share of time the GPU was busy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -150,7 +151,7 @@ def run_plain(config, shard_names: list[str], loader_workers: int, threads: int 
 # Ray pipeline
 # ---------------------------------------------------------------------------------------------
 
-def run_ray(config, gpus: float) -> dict:
+def run_ray(config, actors) -> dict:
     from pipelines.precompute import _encode
     from latentforge.precompute.stage import plan_run
 
@@ -165,7 +166,7 @@ def run_ray(config, gpus: float) -> dict:
         rows[0] += n
 
     started = time.perf_counter()
-    counts = _encode(config, plan, records, lambda: None, gpus, on_rows=on_rows)
+    counts = _encode(config, plan, records, lambda: None, actors, on_rows=on_rows)
     end = time.perf_counter()
     assert len(records) == len(plan.pending), "not every shard finished"
     return {"rows": counts["rows"], "wall_s": end - started, "steady_s": end - (marks[0] if marks else end)}
@@ -225,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--vae-type", default="autoencoder_kl", choices=["autoencoder_kl", "patchify"])
     parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader workers of the plain loop")
-    parser.add_argument("--concurrency", type=int, default=0, help="encoder actors (0 = auto)")
-    parser.add_argument("--num-cpus-per-actor", type=float, default=1.0,
-                        help="CPU slots per encoder actor (its torch threads: max(1, int(this)))")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="encoder actors (0 = the job's default; with --num-cpus-per-actor 0 too: its auto policy)")
+    parser.add_argument("--num-cpus-per-actor", type=float, default=0.0,
+                        help="CPU slots per encoder actor (its torch threads: max(1, int(this))); 0 = the job's default")
     parser.add_argument("--plain-threads", type=int, default=0,
                         help="torch threads of the plain loop (0 = torch's default, all cores)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from latentforge.models.testing import save_tiny_autoencoder_kl, save_tiny_clip_checkpoint
+    from latentforge.models.text_encoder import save_tiny_clip_checkpoint
+    from tests.harness.tiny_models import save_tiny_autoencoder_kl
     from latentforge.precompute.config import PrecomputeConfig
     from pipelines.runtime import init_ray
 
@@ -265,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False)
 
         where = init_ray()
-        gpus = float(ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        actors = config("").encoder_actors(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
+        print(f"encoder actors: {actors.describe()}", flush=True)
         names = [f"{i:05d}" for i in range(shards)]
         results: dict[str, list[dict]] = {"ray": [], "plain": []}
         busy: list[float] = []
@@ -273,14 +278,16 @@ def main(argv: list[str] | None = None) -> int:
             for side in ("ray", "plain"):
                 out = root / f"out-{side}-{rep}"
                 with GpuSampler() if gpu else _Null() as sampler:
-                    result = (run_ray(config(str(out)), gpus) if side == "ray"
+                    result = (run_ray(config(str(out)), actors) if side == "ray"
                               else run_plain(config(str(out)), names, args.loader_workers, args.plain_threads))
                 if gpu and side == "ray" and sampler.busy is not None:
                     busy.append(sampler.busy)
                 result["samples"] = shards * per_shard
+                result["load_avg_1m"] = os.getloadavg()[0]  # other processes on the machine skew a run
                 results[side].append(result)
                 print(f"{side:5s} run {rep}: {result['samples']} samples in {result['wall_s']:.2f} s "
-                      f"({result['samples'] / result['wall_s']:.1f}/s; steady {result['steady_s']:.2f} s)", flush=True)
+                      f"({result['samples'] / result['wall_s']:.1f}/s; steady {result['steady_s']:.2f} s; "
+                      f"load {result['load_avg_1m']:.1f})", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
 
         def summary(side: str) -> dict:
@@ -296,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "ray_version": ray.__version__, "device": "cuda" if gpu else "cpu",
             "ray_runs_on": where, "shards": shards, "samples": shards * per_shard, "resolution": resolution,
             "batch_size": batch, "vae_type": args.vae_type, "loader_workers": args.loader_workers,
-            "encoder_actors": args.concurrency or "auto", "num_cpus_per_actor": args.num_cpus_per_actor,
+            "flags": {"concurrency": args.concurrency, "num_cpus_per_actor": args.num_cpus_per_actor},
+            "encoder_actors": dataclasses.asdict(actors),
             "plain_threads": args.plain_threads or torch.get_num_threads(), "load_avg": os.getloadavg(),
             "ray": summary("ray"), "plain": summary("plain"),
         }

@@ -16,6 +16,7 @@ the shards in flight; a rerun skips finished shards and produces byte-identical 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -29,7 +30,7 @@ import numpy as np
 from latentforge import storage
 from latentforge.config import ConfigError, config_to_dict
 from latentforge.manifest import ManifestError
-from latentforge.precompute.config import PrecomputeConfig
+from latentforge.precompute.config import EncoderActors, PrecomputeConfig
 from latentforge.precompute.preprocess import IngestSample, preprocess_sample
 from latentforge.precompute.shard_input import ShardRead, read_shard
 from latentforge.precompute.stage import build_manifest, check_models, plan_run, save, write_empty_caption
@@ -199,7 +200,11 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
     from pipelines.runtime import init_ray
 
     where = init_ray()
-    gpus = float(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    actors = config.encoder_actors(float(resources.get("CPU", 0)), gpus)
+    log.info("precompute: encoder actors %s (cluster: %g CPU, %g GPU)", actors.describe(),
+             resources.get("CPU", 0), gpus)
     started = time.monotonic()
     storage.makedirs(config.output)
     removed = storage.remove_stale_temps(config.output)
@@ -214,7 +219,9 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
     latent_shape = probe["latent_shape"]
 
     def publish(fidelity: dict[str, Any] | None = None) -> str:
-        return save(config.output, build_manifest(config, plan, records, models, latent_shape, empty, fidelity))
+        manifest = build_manifest(config, plan, records, models, latent_shape, empty, fidelity)
+        manifest.extra["encoder_actors"] = dataclasses.asdict(actors)  # what ran; output bytes do not depend on it
+        return save(config.output, manifest)
 
     publish()
     log.info("precompute: %d shard(s) done, %d to encode (%s)", len(plan.done), len(plan.pending), where)
@@ -222,7 +229,7 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
     session_counts: Counter = Counter()
     failed: dict[str, str] = {}
     if plan.pending:
-        session_counts = _encode(config, plan, records, publish, gpus, failed=failed)
+        session_counts = _encode(config, plan, records, publish, actors, failed=failed)
     _require_all_published(config, plan, records, failed, publish)
 
     fidelity = _one_process(_fidelity, gpus, config, sorted(records))
@@ -246,7 +253,7 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
              ("latent", f"{config.latent} {latent_shape} {config.dtype}"),
              ("fidelity", f"max rel error {fidelity.get('max_rel_error', 0.0):.2e} "
                           f"(tolerance {fidelity.get('tolerance')}, {fidelity.get('samples', 0)} samples)"),
-             ("ran on", where), ("library", _library_path())]
+             ("encoder actors", actors.describe()), ("ran on", where), ("library", _library_path())]
     print(summary_table("precompute summary", rows), flush=True)
     if not fidelity.get("passed", True):
         raise StageFailure(f"fidelity gate: max relative error {fidelity['max_rel_error']:.3e} > tolerance "
@@ -279,7 +286,7 @@ def _library_path() -> str:
     return str(latentforge.__file__).rsplit("/", 1)[0]
 
 
-def build_dataset(config: PrecomputeConfig, shards: list[Any], gpus: float) -> Any:
+def build_dataset(config: PrecomputeConfig, shards: list[Any], actors: EncoderActors) -> Any:
     """The Ray Data graph for the input shard records `shards` (exposed for the benchmark)."""
     import ray
 
@@ -300,21 +307,15 @@ def build_dataset(config: PrecomputeConfig, shards: list[Any], gpus: float) -> A
                    "batch_size": config.batch_size, "retries": config.read_retries,
                    "backoff_s": config.read_backoff_s},
     )
-    if gpus > 0:
-        concurrency = config.concurrency or max(1, int(gpus // config.num_gpus_per_actor))
-        resources = {"num_gpus": config.num_gpus_per_actor, "num_cpus": config.num_cpus_per_actor}
-    else:
-        concurrency = config.concurrency or 1
-        resources = {"num_cpus": config.num_cpus_per_actor}
     return ds.map_batches(
         EncoderActor, batch_size=config.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        fn_constructor_kwargs={"config": config, "num_threads": max(1, int(config.num_cpus_per_actor))},
-        **resources,
+        compute=ray.data.ActorPoolStrategy(size=actors.count),
+        fn_constructor_kwargs={"config": config, "num_threads": actors.threads},
+        num_cpus=actors.num_cpus, **({"num_gpus": actors.num_gpus} if actors.num_gpus else {}),
     )
 
 
-def _encode(config: PrecomputeConfig, plan: Any, records: dict, publish: Any, gpus: float,
+def _encode(config: PrecomputeConfig, plan: Any, records: dict, publish: Any, actors: EncoderActors,
             on_rows: Any = None, failed: dict[str, str] | None = None) -> Counter:
     """Stream the graph's rows into per-shard writers; `on_rows(n)` is called per batch (benchmarks).
 
@@ -325,7 +326,7 @@ def _encode(config: PrecomputeConfig, plan: Any, records: dict, publish: Any, gp
 
     sink = ShardSink(config, {s.name: s for s in plan.pending}, records, publish,
                      failed if failed is not None else {})
-    ds = build_dataset(config, plan.pending, gpus)
+    ds = build_dataset(config, plan.pending, actors)
     bar = tqdm(total=plan.pending_rows, unit="img", desc="precompute", disable=not config.progress,
                mininterval=1.0 if sys.stderr.isatty() else 10.0, file=sys.stderr)
     try:

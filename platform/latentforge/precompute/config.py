@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,11 +61,13 @@ class PrecomputeConfig(TrackingOptions):
     read_batch_size: int = 64
     """Rows per block emitted by the shard readers, rounded down to a multiple of batch_size."""
     concurrency: int = 0
-    """Encoder actors; 0 = one per GPU (num_gpus / num_gpus_per_actor) or one CPU actor when no GPU."""
+    """Encoder actors; 0 = one per GPU (num_gpus / num_gpus_per_actor), or chosen from the cluster's CPUs when
+    no GPU (with num_cpus_per_actor 0 too; docs/precompute.md "CPU-only clusters"), else one CPU actor."""
     num_gpus_per_actor: float = 1.0
     """GPUs per encoder actor when the cluster has GPUs."""
-    num_cpus_per_actor: float = 1.0
-    """CPUs per encoder actor (also its torch thread count on CPU actors)."""
+    num_cpus_per_actor: float = 0.0
+    """CPU slots per encoder actor; a CPU actor runs max(1, int(this)) torch threads. 0 = auto: 1 on GPU
+    clusters; on CPU-only clusters chosen with concurrency (both 0), else 1."""
     keep_empty_captions: bool = False
     """Keep samples whose caption is empty (else they are skipped and counted)."""
     fidelity_samples: int = 16
@@ -105,8 +108,8 @@ class PrecomputeConfig(TrackingOptions):
             raise ConfigError("read_retries and read_backoff_s must be >= 0")
         if self.fidelity_tolerance < 0:
             raise ConfigError("fidelity_tolerance must be >= 0")
-        if self.num_gpus_per_actor <= 0 or self.num_cpus_per_actor <= 0:
-            raise ConfigError("num_gpus_per_actor and num_cpus_per_actor must be > 0")
+        if self.num_gpus_per_actor <= 0 or self.num_cpus_per_actor < 0:
+            raise ConfigError("num_gpus_per_actor must be > 0 and num_cpus_per_actor >= 0 (0 = auto)")
 
     def require_paths(self) -> None:
         if not self.input or not self.output:
@@ -118,3 +121,44 @@ class PrecomputeConfig(TrackingOptions):
 
     def encoder_settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ENCODER_SETTINGS}
+
+    def encoder_actors(self, cluster_cpus: float, cluster_gpus: float) -> "EncoderActors":
+        """The encoder actor pool for a cluster with these resources; explicit flags win over the policy."""
+        slot = self.num_cpus_per_actor or 1.0
+        if cluster_gpus > 0:
+            count = self.concurrency or max(1, int(cluster_gpus // self.num_gpus_per_actor))
+            return EncoderActors(count, slot, self.num_gpus_per_actor, max(1, int(slot)), "flags")
+        if self.concurrency or self.num_cpus_per_actor:
+            return EncoderActors(self.concurrency or 1, slot, 0.0, max(1, int(slot)), "flags")
+        return auto_cpu_actors(cluster_cpus)
+
+
+@dataclass(frozen=True)
+class EncoderActors:
+    """How many encoder actors run, the Ray slots each holds and its torch threads (CPU actors)."""
+
+    count: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    chosen: Literal["auto", "flags"]
+
+    def describe(self) -> str:
+        gpus = f", {self.num_gpus:g} GPU" if self.num_gpus else f", {self.threads} torch thread(s)"
+        return f"{self.count} x ({self.num_cpus:g} CPU slot{gpus}), {self.chosen}"
+
+
+def auto_cpu_actors(cluster_cpus: float) -> EncoderActors:
+    """The CPU-only policy: one 1-thread actor per CPU, each on half a CPU slot (at most), readers keep the rest.
+
+    Why (docs/benchmarks.md "Precompute", 2 cores): a shard reader uses only part of its slot
+    (JPEG decode ~1,400 img/s per core) while a 1-thread encoder (~430 rows/s) is the bottleneck.
+    One 1-CPU actor reached 0.87x the plain loop, one actor with 2 threads was slower still (its
+    OpenMP threads contend with the reader), and 2 one-thread actors on 0.5 slots reached
+    1.21x / 1.34x (16k / 64k samples): as many encoder threads as cores, the readers' idle share
+    used. The slot is capped so the actors leave at least one whole CPU for a reader task
+    (num_cpus=1), else nothing would read; below 2 CPUs the actor holds no slot at all.
+    """
+    count = max(1, int(cluster_cpus))
+    slot = math.floor(100 * min(0.5, max(0.0, cluster_cpus - 1) / count)) / 100
+    return EncoderActors(count, slot, 0.0, 1, "auto")
