@@ -67,7 +67,7 @@ def test_precompute_with_the_export_equals_a_direct_diffusers_encode(trained, tm
     from diffusers import AutoencoderKL
 
     from jobs.precompute_latents import main
-    from latentforge.models.testing import save_tiny_clip_checkpoint
+    from latentforge.models.text_encoder import save_tiny_clip_checkpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     export, out = str(trained["export"]), tmp_path / "latents"
@@ -96,7 +96,7 @@ def test_train_refuses_a_unet_whose_channels_differ_from_the_autoencoder(trained
     """The latent channels the autoencoder recorded reach train's check: exit 2, one line, no worker."""
     from jobs.precompute_latents import main as precompute
     from jobs.train import main as train
-    from latentforge.models.testing import save_tiny_clip_checkpoint
+    from latentforge.models.text_encoder import save_tiny_clip_checkpoint
     from latentforge.models.unet import PRESETS
 
     clip = save_tiny_clip_checkpoint(tmp_path / "clip.safetensors")
@@ -125,7 +125,7 @@ def test_two_workers_with_the_discriminator_checkpoint_each_rank_and_export(trai
                  "--disc-channels", "8"]) == 0
     manifest = read_manifest(str(root / "runs" / "ae2" / "export"), stage="autoencoder")
     assert manifest.extra["step"] == 3 and manifest.counts["samples_seen"] == 3 * 4 * 2
-    checkpoints = sorted((root / "runs" / "ae2").glob("checkpoint_*"))
+    checkpoints = sorted(p for p in (root / "runs" / "ae2").glob("checkpoint_*") if p.is_dir())
     assert checkpoints, "no checkpoint written"
     names = {p.name for p in checkpoints[-1].iterdir()}
     assert {"rank0.json", "rank1.json", "model.safetensors", "discriminator.safetensors"} <= names
