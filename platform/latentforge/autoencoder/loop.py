@@ -163,7 +163,9 @@ class AutoencoderTrainer:
         real_logits, fake_logits = self.discriminator(torch.cat([pixels, fake.float()])).chunk(2)
         loss = discriminator_loss(real_logits, fake_logits)
         self.accelerator.backward(loss)
-        if torch.isfinite(loss):
+        # The norm of the all-reduced gradients is the same on every rank, so all ranks step or skip together.
+        grad_norm = self.accelerator.clip_grad_norm_(self.discriminator.parameters(), float("inf"))
+        if math.isfinite(float(grad_norm)):
             self.disc_optimizer.step()
             self.disc_scheduler.step()
         self.disc_optimizer.zero_grad(set_to_none=True)
