@@ -22,7 +22,7 @@ def run_job(stage: str, work: Callable[[], Any], usage_errors: tuple[type[BaseEx
     0 done, 1 stage failure (one clear line; the traceback at debug level), 2 bad config or
     input (`usage_errors`), 128+signal on SIGINT/SIGTERM. SIGTERM (what `ray job stop` and
     Kubernetes send) is turned into the same KeyboardInterrupt path as Ctrl-C so the stage's
-    own cleanup runs.
+    own cleanup runs; a stage that handles the signals itself raises KeyboardInterrupt(signum).
     """
     import logging
     import signal
@@ -30,12 +30,15 @@ def run_job(stage: str, work: Callable[[], Any], usage_errors: tuple[type[BaseEx
     def stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (a test running the job in a thread): no signal to take over
+        previous = None
     try:
         result = work()
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        print(f"{stage}: {interrupted}", file=sys.stderr)
+        print(f"{stage}: {interrupted} (stopped by {signal.Signals(signum).name})", file=sys.stderr)
         return 128 + int(signum)
     except usage_errors as exc:
         print(f"{stage}: {exc}", file=sys.stderr)
@@ -44,5 +47,8 @@ def run_job(stage: str, work: Callable[[], Any], usage_errors: tuple[type[BaseEx
         logging.getLogger(stage).debug("failure", exc_info=True)
         print(f"{stage}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(result.summary)
     return 0

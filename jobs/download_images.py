@@ -31,27 +31,14 @@ def main(argv: list[str] | None = None) -> int:
                           description=(__doc__ or "").strip().splitlines()[0])
     from pipelines import ingest
 
-    try:
-        result = ingest.run(config)
-    except (ConfigError, InputError) as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
-        return 2
-    except ManifestError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
-        return 2
-    except ingest.Interrupted as exc:
-        print(f"ingest: stopped by {exc}; finished shards are recorded in {config.output}/manifest.json, "
-              "rerun the same command to resume", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("ingest: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - a stage failure: clear message, exit 1
-        logging.getLogger("ingest").exception("ingest failed")
-        print(f"ingest: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(result.summary)
-    return 0
+    def work() -> object:
+        try:
+            return ingest.run(config)
+        except ingest.Interrupted as exc:  # ingest records what finished, then stops: the signal's exit code
+            raise KeyboardInterrupt(exc.signum) from exc
+
+    resume = f"interrupted; finished shards are recorded in {config.output}/manifest.json, rerun to resume"
+    return _bootstrap.run_job("ingest", work, usage_errors=(ConfigError, InputError, ManifestError), interrupted=resume)
 
 
 if __name__ == "__main__":

@@ -19,21 +19,24 @@ except ImportError:
 
 import pipelines  # noqa: F401  (puts platform/ on sys.path when latentforge is not installed)
 from latentforge.config import ConfigError, parse_config
+from latentforge.manifest import ManifestError
 from latentforge.precompute.config import PrecomputeConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(PrecomputeConfig, argv, preset_dir=_bootstrap.PRESETS / "precompute")
-        config.require_paths()
     except SystemExit as exc:  # argparse usage errors (2) and --print-config / --help (0)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    except ConfigError as exc:
-        print(f"precompute: {exc}", file=sys.stderr)
-        return 2
-    from pipelines.precompute import run
 
-    return run(config)
+    def work() -> object:
+        config.require_paths()
+        from pipelines.precompute import run
+
+        return run(config)
+
+    return _bootstrap.run_job("precompute", work, usage_errors=(ConfigError, ManifestError),
+                              interrupted="interrupted; finished shards are kept, rerun to resume")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,6 @@ import numpy as np
 
 from latentforge import storage
 from latentforge.config import ConfigError, config_to_dict
-from latentforge.manifest import ManifestError
 from latentforge.precompute.config import EncoderActors, PrecomputeConfig
 from latentforge.precompute.preprocess import IngestSample, preprocess_sample
 from latentforge.precompute.shard_input import ShardRead, read_shard
@@ -40,8 +38,12 @@ from latentforge.tracking import StageRun
 
 log = logging.getLogger("latentforge.precompute")
 
-class Terminated(Exception):
-    """SIGTERM arrived (ray job stop, a scheduler); the job exits 143."""
+@dataclasses.dataclass
+class PrecomputeResult:
+    """A finished run: `jobs/_bootstrap.run_job` prints `summary` and exits 0."""
+
+    output: str
+    summary: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,51 +152,30 @@ def _one_process(fn: Any, gpus: float, *args: Any) -> Any:
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def run(config: PrecomputeConfig) -> int:
-    """Run the stage; 0 ok, 1 stage failure, 2 bad config, 130/143 interrupted."""
+def run(config: PrecomputeConfig) -> PrecomputeResult:
+    """Run the stage; exit codes come from `jobs/_bootstrap.run_job`.
+
+    Raises ConfigError / ManifestError (bad config or input: exit 2), StageFailure (shards not
+    published, fidelity gate: exit 1); SIGINT/SIGTERM arrive as KeyboardInterrupt, finished
+    shards are kept.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    previous_term = signal.getsignal(signal.SIGTERM)
-
-    def _on_term(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    try:
-        signal.signal(signal.SIGTERM, _on_term)
-    except ValueError:  # not the main thread (tests running the stage in a thread)
-        previous_term = None
     try:
         plan = plan_run(config)
-    except (ConfigError, ManifestError, FileNotFoundError) as exc:
-        print(f"precompute: {exc}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as exc:  # a missing input is a usage error, reported like one
+        raise ConfigError(str(exc)) from exc
     run_name = config.run_name or f"precompute-{config.output.rstrip('/').rsplit('/', 1)[-1]}"
-    try:
-        with StageRun("precompute", run_name=run_name, enabled=config.mlflow) as tracking:
-            tracking.log_params(config_to_dict(config))
-            tracking.log_manifest(config.input, plan.input_digest, "input")
-            return _run(config, plan, tracking)
-    except KeyboardInterrupt:
-        print("precompute: interrupted; finished shards are kept, rerun to resume", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("precompute: terminated; finished shards are kept, rerun to resume", file=sys.stderr)
-        return 143
-    except (ManifestError, ConfigError) as exc:  # e.g. a model path missing where the job runs
-        print(f"precompute: {exc}", file=sys.stderr)
-        return 2
-    except StageFailure as exc:
-        print(f"precompute FAILED: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+    with StageRun("precompute", run_name=run_name, enabled=config.mlflow) as tracking:
+        tracking.log_params(config_to_dict(config))
+        tracking.log_manifest(config.input, plan.input_digest, "input")
+        return _run(config, plan, tracking)
 
 
 class StageFailure(RuntimeError):
     """The stage ran but its result is not acceptable (fidelity breach, incomplete shards)."""
 
 
-def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
+def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> PrecomputeResult:
     import ray
 
     from pipelines.runtime import init_ray
@@ -254,11 +235,12 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> int:
              ("fidelity", f"max rel error {fidelity.get('max_rel_error', 0.0):.2e} "
                           f"(tolerance {fidelity.get('tolerance')}, {fidelity.get('samples', 0)} samples)"),
              ("encoder actors", actors.describe()), ("ran on", where), ("library", _library_path())]
-    print(summary_table("precompute summary", rows), flush=True)
+    summary = summary_table("precompute summary", rows)
     if not fidelity.get("passed", True):
+        print(summary, flush=True)  # the numbers behind the failure
         raise StageFailure(f"fidelity gate: max relative error {fidelity['max_rel_error']:.3e} > tolerance "
                            f"{fidelity['tolerance']:.3e} (worst: {fidelity.get('worst_key')})")
-    return 0
+    return PrecomputeResult(config.output, summary)
 
 
 def _require_all_published(config: PrecomputeConfig, plan: Any, records: dict, failed: dict[str, str],
