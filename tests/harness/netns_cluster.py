@@ -71,7 +71,10 @@ class Host:
     address: str
     veth: str
     """Root-namespace end of the host's veth pair (on the bridge); the other end is `eth0` inside."""
+    num_cpus: int = 1
     process: subprocess.Popen | None = None
+    starts: int = 0
+    lost: bool = False
 
 
 @dataclass
@@ -148,24 +151,29 @@ class NetnsCluster:
             out += f"\n[harness: killed after {timeout} s]"
         return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
-    def _ray_start(self, host: Host, head: bool, num_cpus: int) -> None:
+    def _ray_start(self, host: Host, head: bool) -> None:
         temp = self.root / "ray" / host.name  # short: Ray's unix sockets live under it
         temp.mkdir(parents=True, exist_ok=True)
         role = (["--head", "--port", str(GCS_PORT), "--dashboard-host", "127.0.0.1",
                  "--dashboard-port", str(DASHBOARD_PORT)] if head else ["--address", self.head_address])
         cmd = [f"{VENV_BIN}/ray", "start", "--block", "--disable-usage-stats", *role,
-               "--node-ip-address", host.address, "--temp-dir", str(temp), "--num-cpus", str(num_cpus),
+               "--node-ip-address", host.address, "--temp-dir", str(temp), "--num-cpus", str(host.num_cpus),
                "--object-store-memory", str(OBJECT_STORE_BYTES), "--resources", f'{{"{host.name}": 1}}']
         log = open(self.root / f"ray_start_{host.name}.log", "ab")
-        host.process = self.popen(host.name, cmd, stdout=log, stderr=subprocess.STDOUT)
+        # Every "host" sees the whole machine's memory, used by everything else running on it too;
+        # Ray's memory monitor would kill this cluster's workers for other programs' memory.
+        env = self.env(RAY_memory_monitor_refresh_ms="0")
+        host.process = self.popen(host.name, cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        host.starts += 1
 
     def add_host(self, name: str, index: int, num_cpus: int = 1) -> Host:
         """A worker host joining the cluster (also: the replacement for a lost one)."""
         host = self._make_netns(name, index)
-        self._ray_start(host, head=False, num_cpus=num_cpus)
+        host.num_cpus = num_cpus
+        self._ray_start(host, head=False)
         return host
 
-    def start(self, workers: int = 2, timeout_s: float = 150) -> "NetnsCluster":
+    def start(self, workers: int = 2, cpus_per_host: int = 1, timeout_s: float = 150) -> "NetnsCluster":
         self.shared.mkdir(parents=True, exist_ok=True)
         self.node_local.mkdir(parents=True, exist_ok=True)
         try:
@@ -174,11 +182,13 @@ class NetnsCluster:
             _ip("link", "set", self.bridge, "up")
             # The head holds no CPU: the driver and the Train controller need none, so every
             # training worker lands on a worker host.
-            self._ray_start(self._make_netns("head", 1), head=True, num_cpus=0)
+            head = self._make_netns("head", 1)
+            head.num_cpus = 0
+            self._ray_start(head, head=True)
             self.wait_for_nodes(1, timeout_s)
-            for i in range(workers):
-                self.add_host(f"host{i + 1}", i + 2)
-            self.wait_for_nodes(1 + workers, timeout_s)
+            for i in range(workers):  # one at a time: a loaded machine times out parallel raylet starts
+                self.add_host(f"host{i + 1}", i + 2, cpus_per_host)
+                self.wait_for_nodes(2 + i, timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -196,16 +206,33 @@ class NetnsCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for host in self.hosts.values():
-                if host.process is not None and host.process.poll() is not None and host.name == "head":
-                    raise RuntimeError((self.root / "ray_start_head.log").read_text()[-3000:])
+                if not host.lost and host.process is not None and host.process.poll() is not None:
+                    self._retry_start(host)
             if len(nodes := self.alive_nodes()) >= count:
                 return nodes
             time.sleep(2)
         raise TimeoutError(f"{count} Ray nodes not alive in {timeout_s}s: {self.alive_nodes()}")
 
+    def actors_on(self, name: str) -> list[str]:
+        """Class names of the actors Ray started on host `name` (from its worker logs' first line)."""
+        logs = (self.root / "ray" / name).glob("session_*/logs/worker-*.out")
+        return sorted(line[len(":actor_name:"):].strip() for path in logs
+                      for line in path.read_text(errors="replace").splitlines()[:5] if line.startswith(":actor_name:"))
+
+    def _retry_start(self, host: Host) -> None:
+        """`ray start` gives a raylet 30 s to register (hard-coded); on a loaded machine, try again."""
+        log = (self.root / f"ray_start_{host.name}.log").read_text()[-3000:]
+        if host.name == "head" or host.starts >= 3:
+            raise RuntimeError(f"ray start on {host.name} exited {host.starts} time(s): {log}")
+        self._kill_processes(host)
+        self._ray_start(host, head=False)
+
     def kill_host(self, name: str) -> None:
         """SIGKILL every process in the host's namespace (raylet, workers), as a crashed machine."""
-        host = self.hosts[name]
+        self.hosts[name].lost = True
+        self._kill_processes(self.hosts[name])
+
+    def _kill_processes(self, host: Host) -> None:
         pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
