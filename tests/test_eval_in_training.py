@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from latentforge.evaluation.testing import save_random_inception_weights
+    from tests.harness.tiny_models import save_random_inception_weights
 
     root = tmp_path_factory.mktemp("eval_assets")
     inception = str(root / "inception_random.pth")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentforge.export.clip_convert import ConversionError, save_text_encoder
-from latentforge.models.testing import TINY_CLIP_NAME, save_tiny_clip_checkpoint
+from latentforge.models.text_encoder import TINY_CLIP_NAME, save_tiny_clip_checkpoint
 from latentforge.models.text_encoder import load_text_encoder
 
 EDGE_CAPTIONS = ["", "a red circle!", "Wow!! really?!", " ".join(["word"] * 120), "Café  naïve ÉTÉ 東京 🙂",

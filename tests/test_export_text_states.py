@@ -7,7 +7,7 @@ import pytest
 
 from latentforge.config import load_yaml
 from latentforge.generation.export import load_export
-from latentforge.models.testing import save_tiny_clip_checkpoint
+from latentforge.models.text_encoder import save_tiny_clip_checkpoint
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.encode import PrecomputeEncoder
 from latentforge.training.data import collate

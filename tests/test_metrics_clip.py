@@ -25,7 +25,7 @@ def test_clip_score_pinned_on_fixed_embeddings() -> None:
 
 
 def test_clip_scorer_with_tiny_open_clip(tmp_path) -> None:
-    from latentforge.models.testing import TINY_CLIP_NAME, save_tiny_clip_checkpoint
+    from latentforge.models.text_encoder import TINY_CLIP_NAME, save_tiny_clip_checkpoint
 
     ckpt = save_tiny_clip_checkpoint(tmp_path / "clip.safetensors", seed=1)
     scorer = ClipScorer(TINY_CLIP_NAME, ckpt)

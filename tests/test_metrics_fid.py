@@ -80,7 +80,7 @@ def test_statistics_are_batch_size_independent() -> None:
 
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
-    from latentforge.evaluation.testing import save_random_inception_weights
+    from tests.harness.tiny_models import save_random_inception_weights
 
     path = str(tmp_path_factory.mktemp("inception") / "random_inception.pth")
     return path, save_random_inception_weights(path, seed=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentforge.models.testing import (TINY_CLIP_NAME, save_tiny_autoencoder_kl, save_tiny_autoencoder_tiny,
-                                        save_tiny_clip_checkpoint)
+from latentforge.models.text_encoder import TINY_CLIP_NAME, save_tiny_clip_checkpoint
+from tests.harness.tiny_models import save_tiny_autoencoder_kl, save_tiny_autoencoder_tiny
 from latentforge.models.text_encoder import load_text_encoder, load_text_encoder_from_manifest
 from latentforge.models.vae import VaeSpec, load_vae, load_vae_from_manifest, split_hub_id
 

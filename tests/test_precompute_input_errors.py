@@ -20,7 +20,7 @@ from jobs import _bootstrap
 from latentforge import storage
 from latentforge.config import ConfigError, parse_config
 from latentforge.manifest import read_manifest, write_manifest
-from latentforge.models.testing import save_tiny_clip_checkpoint
+from latentforge.models.text_encoder import save_tiny_clip_checkpoint
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.preprocess import iter_ingest_shard
 from latentforge.precompute.shard_input import ShardRead, read_shard

@@ -13,7 +13,8 @@ from PIL import Image
 from latentforge import formats, storage
 from latentforge.config import ConfigError, parse_config
 from latentforge.manifest import ManifestError
-from latentforge.models.testing import save_tiny_autoencoder_kl, save_tiny_clip_checkpoint
+from latentforge.models.text_encoder import save_tiny_clip_checkpoint
+from tests.harness.tiny_models import save_tiny_autoencoder_kl
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.encode import PrecomputeEncoder, key_noise
 from latentforge.precompute.fidelity import relative_error

@@ -307,7 +307,7 @@ class _FakeRun:
 
 def test_eval_hook_with_the_real_evaluator_on_ema_weights(tmp_path) -> None:
     from latentforge.evaluation.in_training import EvalFailures
-    from latentforge.models.testing import save_tiny_clip_checkpoint
+    from latentforge.models.text_encoder import save_tiny_clip_checkpoint
     from pipelines.train_worker import _eval_hook, evaluate_step
 
     clip = save_tiny_clip_checkpoint(str(tmp_path / "clip.safetensors"))

@@ -49,8 +49,8 @@ def build_tiny_export(root: str | Path, vae: str = "patchify", resolution: int =
     """`text_states` is recorded in the data manifest (None: not recorded, as before the choice existed)."""
     from diffusers import DDPMScheduler
 
-    from latentforge.models.testing import (save_tiny_autoencoder_kl, save_tiny_autoencoder_tiny,
-                                            save_tiny_clip_checkpoint)
+    from latentforge.models.text_encoder import save_tiny_clip_checkpoint
+    from tests.harness.tiny_models import save_tiny_autoencoder_kl, save_tiny_autoencoder_tiny
 
     root = Path(root)
     export = root / "export"
