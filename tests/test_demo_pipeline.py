@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from latentforge.manifest import read_manifest
 
-pytestmark = pytest.mark.slow
+# The smoke demo trains for real: ~3 min on an idle 2-core machine, 15 on a loaded one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+SMOKE = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs/configs/demo/smoke.yaml").read_text())
+# The smoke preset trains long enough to learn colour (measured: 17% untrained -> 62% trained, see the
+# preset). The untrained UNet hits the requested colour by chance (about 1/6); the trained one must
+# beat it by this margin, 6 of 24 prompts, with 5 prompts to spare for another CPU's rounding.
+COLOUR_MARGIN = 0.25
 
 
 def test_demo_writes_every_stage_and_a_summary(demo_smoke_run) -> None:
@@ -24,9 +33,10 @@ def test_demo_writes_every_stage_and_a_summary(demo_smoke_run) -> None:
     for name in ("trained", "untrained"):
         samples = out / "samples" / name
         index = [json.loads(line) for line in (samples / "index.jsonl").read_text().splitlines() if line.strip()]
-        assert len(index) == 12 and (samples / "grid.png").exists()
-        result = summary["adherence"][name]
-        assert result["n"] == 12 and 0.0 <= result["colour"] <= 1.0
+        assert len(index) == SMOKE["prompts"] and (samples / "grid.png").exists()
+        assert summary["adherence"][name]["n"] == SMOKE["prompts"]
+    before, after = summary["adherence"]["untrained"], summary["adherence"]["trained"]
+    assert after["colour"] >= before["colour"] + COLOUR_MARGIN, f"training did not teach colour: {before} -> {after}"
     assert (out / "checkpoints" / "demo-train" / "export" / "unet").is_dir()
     # The printed summary says where everything is and gives the before/after numbers.
     text = demo_smoke_run.log
@@ -48,7 +58,7 @@ def test_demo_stage_runs_are_grouped_and_linked(demo_smoke_run) -> None:
     assert stages == ["generate", "generate", "ingest", "precompute", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
     pipeline = client.get_run(parent)
-    assert pipeline.data.metrics["adherence_trained_n"] == 12
+    assert pipeline.data.metrics["adherence_trained_n"] == SMOKE["prompts"]
     assert {"adherence_untrained_colour", "adherence_trained_colour"} <= set(pipeline.data.metrics)
 
     # Lineage by manifest digests: trained samples <- train <- precompute <- ingest.
@@ -67,4 +77,4 @@ def test_demo_stage_runs_are_grouped_and_linked(demo_smoke_run) -> None:
         assert train in generated_from
     # The adherence numbers are also a chart in the training run: step 0 vs the last step.
     history = client.get_metric_history(train, "adherence_colour")
-    assert sorted(m.step for m in history) == [0, 12]
+    assert sorted(m.step for m in history) == [0, SMOKE["steps"]]

@@ -83,6 +83,7 @@ def chromium_binary() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # it waits for the smoke demo (tests/harness/demo_run.py)
 def test_training_run_page_shows_charts_grid_and_lineage(chromium_binary, demo_smoke_run, mlflow_server,
                                                          tmp_path) -> None:
     from mlflow.tracking import MlflowClient

@@ -91,7 +91,9 @@ def test_the_whole_pipeline_leaves_the_temp_dir_as_it_found_it_and_no_mlflow_sto
         env.pop(key, None)
     try:
         proc = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), "--preset", "smoke",
-                               "--out", str(work / "demo_output"), "--no-mlflow"],
+                               "--out", str(work / "demo_output"), "--no-mlflow",
+                               # every stage once, not the preset's learning run: 12 steps, evals at 6
+                               "--steps", "12", "--batch-size", "8", "--eval-every", "6", "--checkpoint-every", "6"],
                               cwd=work, env=env, capture_output=True, text=True, timeout=1500)
     finally:
         subprocess.run(["rm", "-rf", ray_tmp], check=False)
