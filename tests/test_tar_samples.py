@@ -65,3 +65,12 @@ def test_every_stage_reader_splits_names_the_same_way(shard) -> None:
     rows = read_positions(str(shard.parent), plan, [0, 1])
     assert [(row.pop("__key__"), row) for row in rows] == [(k, {s: m[s] for s in ("latent.npy", "text.npy")})
                                                             for k, m in expected]
+
+
+def test_a_read_error_names_the_tar_not_an_object_address(shard) -> None:
+    cut = shard.parent / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[:520])  # inside the first member's data (its header is 512 bytes)
+    read = ShardRead(str(cut), "")
+    assert list(read_shard(read, retries=0, backoff_s=0.0)) == []
+    assert read.error.startswith("unreadable tar after 0 sample(s): ReadError")
+    assert str(cut) in read.error and " at 0x" not in read.error

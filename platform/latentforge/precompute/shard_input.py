@@ -35,6 +35,10 @@ class HashingReader:
         self.digest.update(data)
         return data
 
+    def __repr__(self) -> str:
+        # webdataset's tar reader appends its stream to a read error's message: name the file, not an address
+        return str(getattr(self.handle, "path", "input tar"))
+
     def drain(self) -> str:
         """Read what the tar parser left (end-of-archive padding, or more); the hex sha256 of all bytes."""
         while self.read(storage.CHUNK):
