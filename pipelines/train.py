@@ -260,8 +260,3 @@ def run(config: TrainConfig) -> TrainResult:
     return TrainResult(run_name=config.run_name, export_uri=export_uri, mlflow_run_id=run.run_id,
                        step=int(export.extra["step"]), summary=summary_table("train", rows),
                        metrics=dict(getattr(result, "metrics", None) or {}))
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker
-# ---------------------------------------------------------------------------------------------
