@@ -15,13 +15,14 @@ import pytest
 from ray.data._internal.datasource.webdataset_datasource import _base_plus_ext
 
 from latentforge import storage
+from latentforge.evaluation.eval_set import EvalSet, iter_samples
+from latentforge.manifest import Manifest, ShardRecord
 from latentforge.precompute.preprocess import iter_ingest_shard
 from latentforge.precompute.shard_input import ShardRead, read_shard
 from latentforge.tar_samples import iter_shard
 from latentforge.training.data import DataPlan, read_positions
 
-NAMES = ["run.v1/part.2/00000001.latent.npy", "run.v1/part.2/00000001.text.npy", "run.v1/part.2/00000001.txt",
-         "run.v1/part.2/00000002.latent.npy", "run.v1/part.2/00000002.text.npy", "run.v1/part.2/00000002.txt"]
+NAMES = [f"run.v1/part.2/0000000{i}.{suffix}" for i in (1, 2) for suffix in ("jpg", "latent.npy", "text.npy", "txt")]
 
 
 def _write_tar(path: Path) -> None:
@@ -51,7 +52,7 @@ def shard(tmp_path) -> Path:
 def test_keys_keep_dotted_directories_and_multi_dot_suffixes(shard) -> None:
     expected = _expected()
     assert [key for key, _ in expected] == ["run.v1/part.2/00000001", "run.v1/part.2/00000002"]
-    assert sorted(expected[0][1]) == ["latent.npy", "text.npy", "txt"]
+    assert sorted(expected[0][1]) == ["jpg", "latent.npy", "text.npy", "txt"]
     assert list(iter_shard(str(shard))) == expected
 
 
@@ -65,6 +66,9 @@ def test_every_stage_reader_splits_names_the_same_way(shard) -> None:
     rows = read_positions(str(shard.parent), plan, [0, 1])
     assert [(row.pop("__key__"), row) for row in rows] == [(k, {s: m[s] for s in ("latent.npy", "text.npy")})
                                                             for k, m in expected]
+    eval_set = EvalSet(str(shard.parent), Manifest("ingest", {}, shards=[ShardRecord("00000", 2, "")]), "")
+    assert [(s.key, s.caption, s.image_bytes) for s in iter_samples(eval_set)] == [
+        (k, m["txt"].decode(), m["jpg"]) for k, m in expected]
 
 
 def test_a_read_error_names_the_tar_not_an_object_address(shard) -> None:

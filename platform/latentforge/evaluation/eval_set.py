@@ -13,14 +13,13 @@ Real images for FID:
 from __future__ import annotations
 
 import io
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from latentforge import formats, storage
+from latentforge import formats, storage, tar_samples
 from latentforge.manifest import Manifest, read_manifest
 
 IMAGE_SUFFIXES = tuple(f".{e}" for e in formats.IMAGE_EXTENSIONS)
@@ -61,21 +60,7 @@ def iter_samples(eval_set: EvalSet, limit: int | None = None) -> Iterator[EvalSa
     count = 0
     dtype = eval_set.manifest.extra.get("dtype", "fp32")
     for shard in eval_set.manifest.shards:
-        fs, path = storage.filesystem(storage.join(eval_set.uri, f"{shard.name}.tar"))
-        members: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
-        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, suffix = member.name.partition(".")
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                if key not in members:
-                    members[key] = {}
-                    order.append(key)
-                members[key][suffix] = data
-        for key in order:
-            parts = members[key]
+        for key, parts in tar_samples.iter_shard(storage.join(eval_set.uri, f"{shard.name}.tar")):
             caption = parts.get("txt", b"").decode("utf-8")
             if eval_set.kind == "latents":
                 if "latent.npy" not in parts:
