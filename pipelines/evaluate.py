@@ -58,7 +58,7 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     from latentforge.evaluation.clip_score import ClipScorer
     from latentforge.evaluation.eval_set import open_eval_set
     from latentforge.evaluation.fid import InceptionFeatures
-    from latentforge.evaluation.runner import score_sampler
+    from latentforge.evaluation.scoring import score_sampler
     from latentforge.generation.devices import resolve_device, resolve_dtype
     from latentforge.generation.export import load_export
     from latentforge.generation.outputs import save_grid

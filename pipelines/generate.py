@@ -75,7 +75,7 @@ class SamplerActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         import json
 
-        from latentforge.generation.run import generate_to_dir
+        from latentforge.generation.batch_generation import generate_to_dir
 
         requests = [Request(int(i), str(p), int(s)) for i, p, s in zip(batch["index"], batch["prompt"], batch["seed"])]
         rows = generate_to_dir(self.sampler, requests, _params(self.config, self.height, self.width), self.config.out,
@@ -115,7 +115,7 @@ def _run_ray(config: GenerateConfig, todo: list[Request], height: int, width: in
 
 def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height: int, width: int,
                model_ref: str) -> Iterator[dict[str, Any]]:
-    from latentforge.generation.run import generate_to_dir
+    from latentforge.generation.batch_generation import generate_to_dir
 
     params = _params(config, height, width)
     for start in range(0, len(todo), config.batch_size):

@@ -31,7 +31,7 @@ from latentforge.models.unet import UNetConfigError, check_latent_size, resolve_
 from latentforge.reporting import summary_table
 from latentforge.tracking import StageRun, tracking_uri
 from latentforge.training import data as tdata
-from latentforge.training import runs
+from latentforge.training import run_storage
 from latentforge.training.config import TrainConfig
 from pipelines.train_worker import train_worker
 
@@ -83,7 +83,7 @@ def _node_addresses() -> list[str]:
 
 
 def _storage_view(path: str, marker: str) -> str:
-    """On a node: a key of runs.STORAGE_VIEWS for what it sees at the driver's storage path."""
+    """On a node: a key of run_storage.STORAGE_VIEWS for what it sees at the driver's storage path."""
     return "same" if os.path.exists(marker) else "other" if os.path.isdir(path) else "missing"
 
 
@@ -108,7 +108,7 @@ def _storage_views(path: str) -> dict[str, str]:
 
 
 def _absolute_storage(path: str) -> str:
-    if runs.is_local_path(path):
+    if run_storage.is_local_path(path):
         return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
     return path
 
@@ -166,13 +166,13 @@ def run(config: TrainConfig) -> TrainResult:
         from pipelines.export import preflight
 
         preflight(manifest, config.export_formats, config.mlflow)  # refused now, not after training
-    config.run_name = config.run_name or runs.default_run_name()
+    config.run_name = config.run_name or run_storage.default_run_name()
     config.storage_path = _absolute_storage(config.storage_path)
     where = init_ray()
     nodes = _node_addresses()
-    runs.check_storage(config.storage_path, nodes, config.storage_is_shared)
-    if config.storage_is_shared and runs.is_local_path(config.storage_path) and len(set(nodes)) > 1:
-        runs.check_storage_seen(config.storage_path, _storage_views(config.storage_path),
+    run_storage.check_storage(config.storage_path, nodes, config.storage_is_shared)
+    if config.storage_is_shared and run_storage.is_local_path(config.storage_path) and len(set(nodes)) > 1:
+        run_storage.check_storage_seen(config.storage_path, _storage_views(config.storage_path),
                                 ray.util.get_node_ip_address())
     if config.mlflow and len(set(nodes)) > 1 and tracking_uri().startswith("sqlite:"):
         log.warning("MLflow logs to a local sqlite file (%s) but the cluster spans several machines: rank 0 may "
@@ -180,21 +180,21 @@ def run(config: TrainConfig) -> TrainResult:
                     tracking_uri())
 
     digest = manifest_digest(config.data)
-    previous = runs.read_run_state(config.storage_path, config.run_name)
+    previous = run_storage.read_run_state(config.storage_path, config.run_name)
     if previous is not None:
-        runs.check_resume(previous, config.data, digest, config.run_name)
+        run_storage.check_resume(previous, config.data, digest, config.run_name)
         try:
             tdata.check_same_plan(previous.get("data_plan", {}), plan)
         except tdata.DataPlanError as exc:
             raise ConfigError(f"cannot resume run {config.run_name!r}: {exc}") from exc
         print(f"train: run {config.run_name!r} exists; resuming from its latest checkpoint", flush=True)
     resolved = config_to_dict(config)
-    export_uri = runs.export_dir(config.storage_path, config.run_name)
+    export_uri = run_storage.export_dir(config.storage_path, config.run_name)
     started = time.time()
     with StageRun("train", run_name=config.run_name, run_id=(previous or {}).get("mlflow_run_id"),
                   enabled=config.mlflow) as run:
         if previous is None:
-            runs.write_run_state(config.storage_path, config.run_name, {
+            run_storage.write_run_state(config.storage_path, config.run_name, {
                 "mlflow_run_id": run.run_id, "data_dir": config.data, "data_manifest_sha256": digest,
                 "data_plan": plan.to_dict(),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -30,7 +30,7 @@ from latentforge.config import ConfigError, config_to_dict, from_dict
 from latentforge.manifest import ManifestError, manifest_digest, read_manifest
 from latentforge.reporting import summary_table
 from latentforge.tracking import AsyncMetricLogger, StageRun, tracking_uri
-from latentforge.training import runs
+from latentforge.training import run_storage
 from pipelines.train import _absolute_storage, _node_addresses
 from pipelines.train_worker import say
 
@@ -90,9 +90,9 @@ def plan(config: AutoencoderTrainConfig) -> dict[str, Any]:
 
 
 def _check_previous(config: AutoencoderTrainConfig, digest: str) -> dict[str, Any] | None:
-    previous = runs.read_run_state(config.storage_path, config.run_name)
+    previous = run_storage.read_run_state(config.storage_path, config.run_name)
     if previous is not None:
-        runs.check_resume(previous, config.data, digest, config.run_name)
+        run_storage.check_resume(previous, config.data, digest, config.run_name)
         if previous.get("num_workers", config.num_workers) != config.num_workers:
             raise ConfigError(f"cannot resume run {config.run_name!r} with {config.num_workers} workers: it was "
                               f"started with {previous['num_workers']} (each rank's data position is its own)")
@@ -107,14 +107,14 @@ def run(config: AutoencoderTrainConfig) -> AutoencoderResult:
     config.run_name = config.run_name or "autoencoder-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     config.storage_path = _absolute_storage(config.storage_path)
     where = init_ray()
-    runs.check_storage(config.storage_path, _node_addresses(), config.storage_is_shared)
+    run_storage.check_storage(config.storage_path, _node_addresses(), config.storage_is_shared)
     previous = _check_previous(config, work["digest"])
     resolved = config_to_dict(config)
-    export_uri = runs.export_dir(config.storage_path, config.run_name)
+    export_uri = run_storage.export_dir(config.storage_path, config.run_name)
     started = time.time()
     with StageRun(STAGE, run_name=config.run_name, run_id=(previous or {}).get("mlflow_run_id")) as tracking:
         if previous is None:
-            runs.write_run_state(config.storage_path, config.run_name, {
+            run_storage.write_run_state(config.storage_path, config.run_name, {
                 "mlflow_run_id": tracking.run_id, "data_dir": config.data, "num_workers": config.num_workers,
                 "data_manifest_sha256": work["digest"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             tracking.log_params({**resolved, "derived": {"global_batch": config.global_batch,

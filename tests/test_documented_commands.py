@@ -21,7 +21,7 @@ from jobs import _bootstrap
 from latentforge.autoencoder.config import AutoencoderTrainConfig
 from latentforge.config import parse_config
 from latentforge.precompute.config import PrecomputeConfig
-from latentforge.training import runs
+from latentforge.training import run_storage
 from latentforge.training.config import TrainConfig
 from tests.harness.documented_commands import REPO, Command, commands_in, documented_commands
 
@@ -60,7 +60,7 @@ def _training_checks(config_class: type, preset_dir: str) -> Callable[[Command, 
         config = parse_config(config_class, flags, preset_dir=_bootstrap.PRESETS / preset_dir)
         assert config.data, f"{command.argv[0]} refuses to start without --data"
         machines = [f"10.0.0.{i}" for i in range(command.machines)]
-        runs.check_storage(config.storage_path, machines, config.storage_is_shared)
+        run_storage.check_storage(config.storage_path, machines, config.storage_is_shared)
     return check
 
 

@@ -62,7 +62,7 @@ def test_shared_storage_that_a_node_does_not_see_is_refused_naming_it() -> None:
     import pytest
 
     from latentforge.config import ConfigError
-    from latentforge.training.runs import check_storage_seen
+    from latentforge.training.run_storage import check_storage_seen
 
     check_storage_seen("/mnt/nfs/runs", {"10.77.0.2": "same", "10.77.0.3": "same"}, "10.77.0.1")
     with pytest.raises(ConfigError, match=r"do not see: 10\.77\.0\.3 \(no such directory\)\. Mount"):

@@ -10,7 +10,7 @@ import torch
 from latentforge.config import ConfigError
 from latentforge.models import unet as unet_mod
 from latentforge.training import data as tdata
-from latentforge.training import runs
+from latentforge.training import run_storage
 from tests.harness.latent_shards import write_latent_dataset
 
 
@@ -138,20 +138,21 @@ def test_job_refuses_a_unet_that_does_not_fit_the_data(uneven, tmp_path, capsys)
 
 
 def test_multi_node_run_with_node_local_storage_is_refused() -> None:
-    runs.check_storage("/tmp/runs", ["10.0.0.1"], False)
-    runs.check_storage("/tmp/runs", ["127.0.0.1", "127.0.0.1"], False)  # ray.cluster_utils nodes: one machine
-    runs.check_storage("s3://bucket/runs", ["10.0.0.1", "10.0.0.2"], False)
-    runs.check_storage("/mnt/nfs/runs", ["10.0.0.1", "10.0.0.2"], True)
+    run_storage.check_storage("/tmp/runs", ["10.0.0.1"], False)
+    run_storage.check_storage("/tmp/runs", ["127.0.0.1", "127.0.0.1"], False)  # ray.cluster_utils nodes: one machine
+    run_storage.check_storage("s3://bucket/runs", ["10.0.0.1", "10.0.0.2"], False)
+    run_storage.check_storage("/mnt/nfs/runs", ["10.0.0.1", "10.0.0.2"], True)
     with pytest.raises(ConfigError, match="local path but the cluster spans 2 machines"):
-        runs.check_storage("/tmp/runs", ["10.0.0.1", "10.0.0.2"], False)
+        run_storage.check_storage("/tmp/runs", ["10.0.0.1", "10.0.0.2"], False)
     with pytest.raises(ConfigError):
-        runs.check_storage("file:///tmp/runs", ["10.0.0.1", "10.0.0.2"], False)
+        run_storage.check_storage("file:///tmp/runs", ["10.0.0.1", "10.0.0.2"], False)
 
 
 def test_resume_on_other_data_is_refused(tmp_path) -> None:
-    runs.write_run_state(str(tmp_path), "r", {"mlflow_run_id": "abc", "data_dir": "/a", "data_manifest_sha256": "1" * 64})
-    state = runs.read_run_state(str(tmp_path), "r")
-    runs.check_resume(state, "/a", "1" * 64, "r")
+    run_storage.write_run_state(str(tmp_path), "r",
+                                {"mlflow_run_id": "abc", "data_dir": "/a", "data_manifest_sha256": "1" * 64})
+    state = run_storage.read_run_state(str(tmp_path), "r")
+    run_storage.check_resume(state, "/a", "1" * 64, "r")
     with pytest.raises(ConfigError, match="same latents"):
-        runs.check_resume(state, "/b", "2" * 64, "r")
-    assert runs.read_run_state(str(tmp_path), "other") is None
+        run_storage.check_resume(state, "/b", "2" * 64, "r")
+    assert run_storage.read_run_state(str(tmp_path), "other") is None

@@ -165,7 +165,7 @@ class TrainingEvaluator:
                                                                         self.clip.embed_texts(self.config.prompts))
                 info.update(self.clip.describe())
             if self.inception is not None and self.eval_set is not None:
-                from latentforge.evaluation.runner import score_sampler
+                from latentforge.evaluation.scoring import score_sampler
 
                 scored = score_sampler(sampler, self.eval_set, self.config.num_fid_samples, params, seed=0,
                                        batch_size=self.config.batch_size, inception=self.inception,
