@@ -22,7 +22,8 @@ from latentforge.autoencoder.loop import AutoencoderTrainer
 from latentforge.config import ConfigError
 from latentforge.manifest import read_manifest
 from latentforge.models.vae import VaeSpec, load_vae
-from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample, to_pixels
+from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample
+from latentforge.pixels import to_pixels
 from tests.harness.ingest_shards import write_ingest_shards
 
 RES = 16

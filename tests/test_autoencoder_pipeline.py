@@ -14,7 +14,8 @@ import torch
 
 from latentforge import formats
 from latentforge.manifest import read_manifest
-from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample, to_pixels
+from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample
+from latentforge.pixels import to_pixels
 from latentforge.tar_samples import iter_shard
 from tests.harness.ingest_shards import write_ingest_shards
 

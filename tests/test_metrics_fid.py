@@ -13,7 +13,8 @@ import torch
 
 from latentforge.evaluation.fid import (FEATURE_DIM, INCEPTION_SHA256, FeatureStats, FidSampleSizeWarning,
                                         FidWeightsError, InceptionFeatures, cached_reference_stats, fid_from_stats,
-                                        frechet_distance, to_uint8)
+                                        frechet_distance)
+from latentforge.pixels import to_uint8
 
 
 def _spd(d: int, rng: np.random.Generator) -> np.ndarray:

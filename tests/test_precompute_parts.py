@@ -18,8 +18,8 @@ from tests.harness.tiny_models import save_tiny_autoencoder_kl
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.encode import PrecomputeEncoder, key_noise
 from latentforge.precompute.fidelity import relative_error
-from latentforge.precompute.preprocess import (crop_offset, iter_ingest_shard, preprocess_image, preprocess_sample,
-                                               to_pixels)
+from latentforge.pixels import to_pixels
+from latentforge.precompute.preprocess import crop_offset, iter_ingest_shard, preprocess_image, preprocess_sample
 from latentforge.precompute.stage import plan_run
 from latentforge.precompute.writer import ShardWriter
 from latentforge.tar_samples import iter_shard

@@ -25,7 +25,8 @@ from latentforge import formats, storage
 from latentforge.manifest import read_manifest
 from latentforge.models.text_encoder import TINY_CLIP_NAME, save_tiny_clip_checkpoint
 from tests.harness.tiny_models import save_tiny_autoencoder_kl
-from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample, to_pixels
+from latentforge.precompute.preprocess import iter_ingest_shard, preprocess_sample
+from latentforge.pixels import to_pixels
 from latentforge.tar_samples import iter_shard
 from tests.harness.ingest_shards import write_ingest_shards
 from tests.harness.ray_head import VENV_BIN

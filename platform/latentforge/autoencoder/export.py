@@ -20,7 +20,7 @@ import torch
 
 from latentforge import storage
 from latentforge.manifest import MANIFEST_NAME, Manifest, manifest_uri, write_manifest
-from latentforge.precompute.preprocess import to_pixels
+from latentforge.pixels import to_pixels
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 
 from latentforge.autoencoder.config import AutoencoderTrainConfig
 from latentforge.autoencoder.losses import AutoencoderLoss, PatchDiscriminator, discriminator_loss
-from latentforge.precompute.preprocess import to_pixels
+from latentforge.pixels import to_pixels
 from latentforge.training import checkpoint as ckpt
 from latentforge.training.loop import StepResult, make_adamw, warmup_cosine
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from latentforge import storage
+from latentforge.pixels import to_uint8
 
 FORMULA = "mean_i 100 * max(cos(image_emb_i, text_emb_i), 0)"
 
@@ -59,7 +60,7 @@ class ClipScorer:
         """[-1, 1] images (B, 3, H, W) -> image embeddings, through the model's own preprocessing."""
         from PIL import Image
 
-        u8 = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        u8 = to_uint8(images)
         pils = [Image.fromarray(x.permute(1, 2, 0).cpu().numpy()) for x in u8]
         batch = torch.stack([self.preprocess(p) for p in pils]).to(self.device)
         return self.model.encode_image(batch).float().cpu()

@@ -12,7 +12,6 @@ Real images for FID:
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -21,6 +20,8 @@ import torch
 
 from latentforge import formats, storage, tar_samples
 from latentforge.manifest import Manifest, read_manifest
+from latentforge.pixels import to_pixels
+from latentforge.precompute.preprocess import preprocess_image
 
 IMAGE_SUFFIXES = tuple(f".{e}" for e in formats.IMAGE_EXTENSIONS)
 
@@ -81,17 +82,9 @@ def iter_samples(eval_set: EvalSet, limit: int | None = None) -> Iterator[EvalSa
 
 
 def load_image(data: bytes, size: int) -> torch.Tensor:
-    """Image bytes -> (3, size, size) in [-1, 1]: shorter side to `size` (bicubic), centre crop."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    """Image bytes -> (3, size, size) in [-1, 1]: precompute's resize (shorter side, bicubic) and centre crop."""
+    image, _ = preprocess_image(data, size)
+    return to_pixels(image[None])[0]
 
 
 def real_image_batches(eval_set: EvalSet, samples: list[EvalSample], size: int, batch_size: int,

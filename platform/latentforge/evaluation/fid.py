@@ -252,11 +252,6 @@ class InceptionFeatures:
         return stats
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images (B, 3, H, W) -> uint8, rounding like PIL export does."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 # --------------------------------------------------------------------------------------------
 # Reference statistics cache
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from latentforge.evaluation.clip_score import ClipScorer, clip_score_from_embeddings
 from latentforge.evaluation.eval_set import EvalSet, iter_samples, real_image_batches
 from latentforge.evaluation.fid import (RESIZE_PATH, FeatureStats, InceptionFeatures, cached_reference_stats,
-                                        fid_from_stats, to_uint8)
+                                        fid_from_stats)
+from latentforge.pixels import to_uint8
 
 log = logging.getLogger(__name__)
 

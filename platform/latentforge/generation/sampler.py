@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from latentforge.pixels import to_pixels
+
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler")
 SAMPLER_ALIASES = {"dpm": "dpmsolver++", "dpm++": "dpmsolver++", "dpmsolver": "dpmsolver++",
                    "dpm-solver++": "dpmsolver++", "dpm_solver": "dpmsolver++", "euler_discrete": "euler"}
@@ -119,8 +121,7 @@ def image_to_pixels(image: Any, height: int, width: int) -> torch.Tensor:
     img = img.convert("RGB")
     if img.size != (width, height):
         img = img.resize((width, height), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-    return arr.permute(2, 0, 1)[None]
+    return to_pixels(np.asarray(img)[None])
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:

@@ -16,8 +16,8 @@ from latentforge.formats import tensor_to_storage, torch_dtype
 from latentforge.models.text_encoder import TextEncoder, load_text_encoder
 from latentforge.models.vae import LatentVAE, VaeSpec, load_vae
 from latentforge.precompute.config import PrecomputeConfig
-from latentforge.precompute.preprocess import (SKIP_NONFINITE_LATENT, SKIP_NONFINITE_TEXT, STATUS_OK,
-                                               to_pixels)
+from latentforge.pixels import to_pixels
+from latentforge.precompute.preprocess import SKIP_NONFINITE_LATENT, SKIP_NONFINITE_TEXT, STATUS_OK
 
 
 def resolve_compute_dtype(config: PrecomputeConfig, device: torch.device) -> torch.dtype:

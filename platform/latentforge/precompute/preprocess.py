@@ -111,12 +111,6 @@ def preprocess_image(data: bytes, resolution: int, resize_filter: str = "bicubic
     return array, {"decoded_size": [h, w], "crop_top_left": [top, left], "target_size": [resolution, resolution]}
 
 
-def to_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] (``x / 127.5 - 1``)."""
-    tensor = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True))
-    return tensor.permute(0, 3, 1, 2).to(torch.float32).div(127.5).sub(1.0)
-
-
 def original_size(meta: dict[str, Any], decoded_size: list[int]) -> list[int]:
     """[h, w] of the source image: ingest's original_height/width when recorded, else as decoded."""
     try:
