@@ -24,7 +24,6 @@ SHARD_DIGITS = 5
 INDEX_DIGITS = 4
 MAX_SAMPLES_PER_SHARD = 10 ** INDEX_DIGITS
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
-LATENT_FIELDS = ("latent.npy", "text.npy", "pooled.npy", "txt", "json")
 
 # Storage dtype name -> torch attribute name (torch itself is imported only where tensors are used).
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

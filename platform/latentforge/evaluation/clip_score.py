@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from latentforge import storage
@@ -77,8 +76,3 @@ class ClipScorer:
             txt.append(self.embed_texts(texts[start:start + batch_size]))
         value = clip_score_from_embeddings(torch.cat(img), torch.cat(txt))
         return {"clip_score": value, "clip_n": len(texts), **self.describe()}
-
-
-def mean_cosines(values: Sequence[float]) -> float:
-    """The score for given cosines (documentation/testing helper)."""
-    return float(np.mean([100.0 * max(v, 0.0) for v in values]))

@@ -23,8 +23,6 @@ from latentforge.manifest import Manifest, read_manifest
 from latentforge.pixels import to_pixels
 from latentforge.precompute.preprocess import preprocess_image
 
-IMAGE_SUFFIXES = tuple(f".{e}" for e in formats.IMAGE_EXTENSIONS)
-
 
 @dataclass
 class EvalSample:

@@ -128,14 +128,6 @@ def write_index(path: str, rows: Iterable[dict[str, Any]]) -> None:
     storage.atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode())
 
 
-def read_index(path: str) -> list[dict[str, Any]]:
-    if not storage.exists(path):
-        return []
-    fs, p = storage.filesystem(path)
-    with fs.open(p, "rb") as handle:
-        return [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
-
-
 def request_row(request: Request, meta: dict[str, Any]) -> dict[str, Any]:
     return {"index": request.index, "file": request.file, **meta}
 

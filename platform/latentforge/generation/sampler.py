@@ -102,11 +102,6 @@ class GeneratedImage:
     def to_uint8(self) -> np.ndarray:
         return (self.array * 255).round().astype("uint8")
 
-    def to_pil(self) -> Any:
-        from PIL import Image
-
-        return Image.fromarray(self.to_uint8())
-
 
 def pixels_to_arrays(pixels: torch.Tensor) -> np.ndarray:
     """[-1, 1] (B, 3, H, W) -> [0, 1] (B, H, W, 3) float32, as diffusers' VaeImageProcessor does."""

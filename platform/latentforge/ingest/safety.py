@@ -24,7 +24,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 from urllib.parse import SplitResult, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -207,15 +207,3 @@ class AddressPolicy:
 def _getaddrinfo(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [info[4][0] for info in infos]
-
-
-def check_all(urls: Iterable[str], policy: AddressPolicy) -> list[tuple[str, str | None]]:
-    """(url, refusal or None) for each URL, without network access (literal checks only)."""
-    out = []
-    for url in urls:
-        try:
-            policy.check_url(url)
-            out.append((url, None))
-        except BlockedURL as exc:
-            out.append((url, str(exc)))
-    return out

@@ -44,7 +44,6 @@ LEDGER_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()), ("attempts", pa.int32()),
     ("seconds", pa.float32()), ("expected_hash", pa.string()), ("extra", pa.string()),
 ])
-RESERVED_JSON = ("key", "url", "caption", "width", "height", "original_width", "original_height", "sha256")
 
 
 def tar_name(shard: int) -> str:

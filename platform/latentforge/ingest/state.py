@@ -130,11 +130,6 @@ def shard_files_ok(dir_uri: str, record: mf.ShardRecord, verify_hashes: bool) ->
     return True
 
 
-def same_settings(config: IngestConfig) -> dict[str, Any]:
-    values = config_to_dict(config)
-    return {k: values[k] for k in SAME_OUTPUT_KEYS}
-
-
 def open_state(config: IngestConfig, plan: InputPlan) -> IngestState:
     """Read (or start) the output's manifest; refuse incompatible settings; verify finished shards."""
     out = config.output

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from PIL import Image
 
 from latentforge import formats, tar_samples
