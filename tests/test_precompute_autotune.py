@@ -36,13 +36,6 @@ def test_explicit_flags_win_over_the_cpu_policy(flags: dict, expected: EncoderAc
     assert PrecomputeConfig(**flags).encoder_actors(cluster_cpus=16, cluster_gpus=0) == expected
 
 
-@pytest.mark.parametrize("flags", [{"concurrency": 2}, {"num_cpus_per_actor": 2.0}, {"concurrency": 3, "num_cpus_per_actor": 0.5}])
-def test_cpu_actors_that_leave_no_reader_cpu_are_refused(flags: dict) -> None:
-    # Two 1-CPU actors on a 2-CPU machine held every slot: the readers never ran and the job hung.
-    with pytest.raises(ConfigError, match="leave no CPU for the shard readers"):
-        PrecomputeConfig(**flags).encoder_actors(cluster_cpus=2, cluster_gpus=0)
-
-
 def test_gpu_clusters_keep_one_actor_per_gpu() -> None:
     actors = PrecomputeConfig().encoder_actors(cluster_cpus=32, cluster_gpus=4)
     assert (actors.count, actors.num_gpus, actors.num_cpus) == (4, 1.0, 1.0)

@@ -129,9 +129,7 @@ class PrecomputeConfig(TrackingOptions):
             count = self.concurrency or max(1, int(cluster_gpus // self.num_gpus_per_actor))
             return EncoderActors(count, slot, self.num_gpus_per_actor, max(1, int(slot)), "flags")
         if self.concurrency or self.num_cpus_per_actor:
-            actors = EncoderActors(self.concurrency or 1, slot, 0.0, max(1, int(slot)), "flags")
-            leave_a_reader_cpu(actors, cluster_cpus)
-            return actors
+            return EncoderActors(self.concurrency or 1, slot, 0.0, max(1, int(slot)), "flags")
         return auto_cpu_actors(cluster_cpus)
 
 
@@ -148,16 +146,6 @@ class EncoderActors:
     def describe(self) -> str:
         gpus = f", {self.num_gpus:g} GPU" if self.num_gpus else f", {self.threads} torch thread(s)"
         return f"{self.count} x ({self.num_cpus:g} CPU slot{gpus}), {self.chosen}"
-
-
-def leave_a_reader_cpu(actors: EncoderActors, cluster_cpus: float) -> None:
-    """Refuse CPU actors that hold every CPU slot: the 1-CPU shard readers could never be scheduled
-    and the job would wait forever (e.g. `--concurrency 2` on a 2-CPU machine)."""
-    if actors.count * actors.num_cpus > cluster_cpus - 1:
-        raise ConfigError(
-            f"{actors.count} encoder actor(s) x {actors.num_cpus:g} CPU leave no CPU for the shard readers "
-            f"(the cluster has {cluster_cpus:g} CPU now): lower --concurrency or use fractional "
-            f"--num-cpus-per-actor (e.g. 0.5), or pass neither to let precompute choose")
 
 
 def auto_cpu_actors(cluster_cpus: float) -> EncoderActors:
