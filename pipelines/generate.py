@@ -167,6 +167,8 @@ def run(config: GenerateConfig) -> GenerateResult:
     png_settings["model"] = export_dir
     if height is None:
         png_settings.pop("height"), png_settings.pop("width")
+    if png_settings["text_states"] == "auto":  # PNGs record the convention auto resolved to: the export's own
+        png_settings.pop("text_states")
     done = finished(config.out, requests, png_settings)
     todo = [r for r in requests if r.index not in done]
     run_name = config.run_name or f"generate-{config.out.rstrip('/').rsplit('/', 1)[-1]}"

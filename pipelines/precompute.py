@@ -183,9 +183,13 @@ def _run(config: PrecomputeConfig, plan: Any, tracking: StageRun) -> PrecomputeR
     where = init_ray()
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0))
-    actors = config.encoder_actors(float(resources.get("CPU", 0)), gpus)
-    log.info("precompute: encoder actors %s (cluster: %g CPU, %g GPU)", actors.describe(),
-             resources.get("CPU", 0), gpus)
+    # The CPU policy sizes the pool from the CPUs free now, not the cluster's total: a driver started
+    # by `ray job submit --entrypoint-num-cpus 1` (infra/submit.sh) already holds one, and actors
+    # sized from the total left the shard readers no whole CPU (the job waited forever).
+    free_cpus = float(ray.available_resources().get("CPU", 0))
+    actors = config.encoder_actors(free_cpus, gpus)
+    log.info("precompute: encoder actors %s (cluster: %g CPU, %g free; %g GPU)", actors.describe(),
+             resources.get("CPU", 0), free_cpus, gpus)
     started = time.monotonic()
     storage.makedirs(config.output)
     removed = storage.remove_stale_temps(config.output)
