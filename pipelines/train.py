@@ -107,6 +107,18 @@ def _storage_views(path: str) -> dict[str, str]:
         os.remove(marker)
 
 
+def read_data_manifest(data: str, stage: str) -> tuple[str, Any]:
+    """`--data` made absolute (a local path means the same on every node) and its `stage` manifest;
+    a missing flag or a wrong / unreadable manifest is a ConfigError (exit 2)."""
+    if not data:
+        raise ConfigError(f"--data is required (the {stage} stage's output directory or URI)")
+    data = data if "://" in data else os.path.abspath(data)
+    try:
+        return data, read_manifest(data, stage=stage)
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _absolute_storage(path: str) -> str:
     if run_storage.is_local_path(path):
         return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
@@ -142,13 +154,7 @@ def run(config: TrainConfig) -> TrainResult:
     from pipelines.process_group import NodeInterfaceTorchConfig
     from pipelines.runtime import init_ray
 
-    if not config.data:
-        raise ConfigError("--data is required (a precompute output directory or URI)")
-    config.data = config.data if "://" in config.data else os.path.abspath(config.data)
-    try:
-        manifest = read_manifest(config.data, stage="precompute")
-    except ManifestError as exc:
-        raise ConfigError(str(exc)) from exc
+    config.data, manifest = read_data_manifest(config.data, "precompute")
     try:
         unet_config = check_data(config, manifest)
     except UNetConfigError as exc:

@@ -27,11 +27,11 @@ from typing import Any
 from latentforge.autoencoder import data as aedata
 from latentforge.autoencoder.config import AutoencoderTrainConfig
 from latentforge.config import ConfigError, config_to_dict, from_dict
-from latentforge.manifest import ManifestError, manifest_digest, read_manifest
+from latentforge.manifest import manifest_digest, read_manifest
 from latentforge.reporting import summary_table
 from latentforge.tracking import AsyncMetricLogger, StageRun, tracking_uri
 from latentforge.training import run_storage
-from pipelines.train import _absolute_storage, _node_addresses
+from pipelines.train import _absolute_storage, _node_addresses, read_data_manifest
 from pipelines.train_worker import say
 
 log = logging.getLogger("latentforge.autoencoder")
@@ -72,13 +72,7 @@ def check_init(config: AutoencoderTrainConfig) -> dict[str, Any] | None:
 
 def plan(config: AutoencoderTrainConfig) -> dict[str, Any]:
     """Everything the workers need that is decided once: shards per rank, held-out images, digests."""
-    if not config.data:
-        raise ConfigError("--data is required (an ingest output directory or URI)")
-    config.data = config.data if "://" in config.data else os.path.abspath(config.data)
-    try:
-        manifest = read_manifest(config.data, stage="ingest")
-    except ManifestError as exc:
-        raise ConfigError(str(exc)) from exc
+    config.data, manifest = read_data_manifest(config.data, "ingest")
     init_config = check_init(config)
     rank_shards = aedata.deal_shards(manifest, config.num_workers)
     val_keys, val_images = aedata.held_out(config.data, manifest, config.val_samples, config.resolution,
