@@ -77,25 +77,29 @@ def _load_config_file(path: str) -> dict[str, Any]:
 
 
 def resolve_unet_config(preset_or_config_path: str, in_channels: int, cross_attention_dim: int,
-                        sample_size: int | None = None) -> dict[str, Any]:
+                        sample_size: int | None = None, image_channels: int = 0) -> dict[str, Any]:
     """The `UNet2DConditionModel` config for a preset or file, checked against the data.
 
     in_channels: latent channels of the data (manifest `models.vae.latent_channels`).
     cross_attention_dim: width of the text states (manifest `models.text_encoder.width`).
     sample_size: latent side length, recorded in the config (pipelines use it as default size).
+    image_channels: channels concatenated to the latents at the input (an upscaler's low-res image),
+    so the UNet takes in_channels + image_channels and predicts in_channels.
     """
     name = str(preset_or_config_path)
     if name in PRESETS:
         config = copy.deepcopy(PRESETS[name])
         source = f"preset {name!r}"
         if name in ADAPTIVE_PRESETS:
-            config.update(in_channels=in_channels, out_channels=in_channels, cross_attention_dim=cross_attention_dim)
+            config.update(in_channels=in_channels + image_channels, out_channels=in_channels,
+                          cross_attention_dim=cross_attention_dim)
     else:
         config = _load_config_file(name)
         source = f"config file {name!r}"
     problems = []
-    if config.get("in_channels", 4) != in_channels:
-        problems.append(f"in_channels {config.get('in_channels', 4)} but the latents have {in_channels} channels")
+    if config.get("in_channels", 4) != in_channels + image_channels:
+        problems.append(f"in_channels {config.get('in_channels', 4)} but the latents have {in_channels} channels"
+                        + (f" (+ {image_channels} image channels)" if image_channels else ""))
     if config.get("out_channels", 4) != in_channels:
         problems.append(f"out_channels {config.get('out_channels', 4)} but the latents have {in_channels} channels")
     if config.get("cross_attention_dim", 1280) != cross_attention_dim:
