@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from latentforge.conditioning.spec import ConditionColumn, parse_condition_columns
 from latentforge.config import ConfigError
 from latentforge.models.vae import VAE_TYPES
 from latentforge.tracking import TrackingOptions
@@ -70,6 +71,12 @@ class PrecomputeConfig(TrackingOptions):
     clusters; on CPU-only clusters chosen with concurrency (both 0), else 1."""
     keep_empty_captions: bool = False
     """Keep samples whose caption is empty (else they are skipped and counted)."""
+    condition: list[str] = field(default_factory=list)
+    """Ingest metadata columns kept as conditions, COLUMN:class or COLUMN:scalar (comma list), e.g.
+    label:class,score:scalar; the manifest records each one's labels or range (docs/conditioning.md)."""
+    store_pixels: bool = False
+    """Also store each preprocessed image (uint8 R x R x 3, `{key}.pixels.npy`): the super-resolution stage
+    makes its low-res inputs from them (docs/super_resolution.md)."""
     fidelity_samples: int = 16
     """Items re-encoded in fp32 after the run and compared with the stored arrays (0 = off)."""
     fidelity_tolerance: float = 0.0
@@ -93,6 +100,7 @@ class PrecomputeConfig(TrackingOptions):
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        parse_condition_columns(self.condition)  # a malformed --condition is a usage error now
         if self.vae_type not in VAE_TYPES:
             raise ConfigError(f"vae_type: {self.vae_type!r} is not one of {list(VAE_TYPES)}")
         if self.vae_type != "patchify" and not self.vae:
@@ -114,6 +122,10 @@ class PrecomputeConfig(TrackingOptions):
     def require_paths(self) -> None:
         if not self.input or not self.output:
             raise ConfigError("--input (ingest output dir) and --output (latent dir) are required")
+
+    @property
+    def condition_columns(self) -> list[ConditionColumn]:
+        return parse_condition_columns(self.condition)
 
     @property
     def tolerance(self) -> float:

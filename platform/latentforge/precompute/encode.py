@@ -116,7 +116,7 @@ class PrecomputeEncoder:
                 if bool(latent_bad[j]) or bool(text_bad[j]):
                     status[row] = SKIP_NONFINITE_LATENT if bool(latent_bad[j]) else SKIP_NONFINITE_TEXT
                     latent_out[row], text_out[row], pooled_out[row], length_out[row] = 0, 0, 0, 0
-        out = {k: v for k, v in batch.items() if k != "image"}
+        out = {k: v for k, v in batch.items() if k != "image" or self.config.store_pixels}
         out.update(status=status.astype(str), latent=latent_out, text=text_out, pooled=pooled_out,
                    text_length=length_out)
         return out

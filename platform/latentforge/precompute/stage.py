@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentforge import formats, storage
+from latentforge.conditioning.values import check_ingest_columns, manifest_conditions
 from latentforge.config import config_to_dict
 from latentforge.manifest import (Manifest, ManifestError, ShardRecord, manifest_digest, read_manifest,
                                   require_same, write_manifest)
@@ -38,6 +39,7 @@ def plan_run(config: PrecomputeConfig) -> Plan:
     """Read the ingest manifest, refuse an incompatible output dir, work out what is left."""
     config.require_paths()
     input_manifest = read_manifest(config.input, stage="ingest")
+    check_ingest_columns(input_manifest.extra, config.condition_columns)
     digest = manifest_digest(config.input)
     shards = input_manifest.shards[: config.max_shards] if config.max_shards else list(input_manifest.shards)
     previous = None
@@ -45,6 +47,12 @@ def plan_run(config: PrecomputeConfig) -> Plan:
     if storage.exists(storage.join(config.output, "manifest.json")):
         previous = read_manifest(config.output, stage="precompute")
         require_same(previous.config, config.encoder_settings(), ENCODER_SETTINGS, config.output)
+        # Not in ENCODER_SETTINGS: outputs made before the flag existed (no key) hold no pixels and resume.
+        require_same({"store_pixels": bool(previous.config.get("store_pixels"))},
+                     {"store_pixels": config.store_pixels}, ("store_pixels",), config.output)
+        # Not in ENCODER_SETTINGS either: outputs made before conditions existed (no key) resume.
+        require_same({"condition": previous.config.get("condition") or []}, {"condition": config.condition},
+                     ("condition",), config.output)
         inputs = {s.name: s.sha256 for s in shards}
         done = {r.name: r for r in previous.shards if _still_done(config, r, inputs.get(r.name))}
     pending = [s for s in shards if s.name not in done]
@@ -103,9 +111,19 @@ def build_manifest(config: PrecomputeConfig, plan: Plan, records: dict[str, Shar
             "preprocessing": preprocessing_record(config.resolution, config.resize_filter, config.crop, config.seed),
             "empty_caption": empty or {},
             "fidelity": fidelity or {},
+            "conditions": manifest_conditions(config.condition_columns, (s.stats.get("conditions") for s in shards)),
+            "pixels": pixels_record(config),
             "complete": len(shards) == len(plan.done) + len(plan.pending) and not counts["partial_shards"],
         },
     )
+
+
+def pixels_record(config: PrecomputeConfig) -> dict[str, Any]:
+    """What `extra.pixels` says about the stored images ({} = none stored); the upscaler stage reads it."""
+    if not config.store_pixels:
+        return {}
+    return {"member": "pixels.npy", "dtype": "uint8", "layout": "HWC",
+            "size": [config.resolution, config.resolution]}
 
 
 def write_empty_caption(out_dir: str, text: Any, pooled: Any, length: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from latentforge import formats, storage
+from latentforge.conditioning.values import MEMBER as CONDITIONS_MEMBER, ShardConditions
 from latentforge.manifest import ShardRecord
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.preprocess import STATUS_OK
@@ -39,15 +40,19 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def sample_members(key: str, latent: np.ndarray, text: np.ndarray, pooled: np.ndarray,
-                   caption: str, meta: dict[str, Any]) -> dict[str, bytes]:
-    """The five members of one latent sample (``text`` already cut to the real tokens)."""
-    return {
+                   caption: str, meta: dict[str, Any], pixels: np.ndarray | None = None) -> dict[str, bytes]:
+    """The five members of one latent sample (``text`` already cut to the real tokens), and its
+    preprocessed image (uint8 HWC) with --store-pixels."""
+    members = {
         f"{key}.latent.npy": formats.encode_npy(latent),
         f"{key}.text.npy": formats.encode_npy(text),
         f"{key}.pooled.npy": formats.encode_npy(pooled),
         f"{key}.txt": caption.encode("utf-8"),
         f"{key}.json": formats.encode_json(meta),
     }
+    if pixels is not None:
+        members[f"{key}.pixels.npy"] = formats.encode_npy(np.asarray(pixels, dtype=np.uint8))
+    return members
 
 
 @dataclass
@@ -67,6 +72,7 @@ class ShardWriter:
     seen: int = 0
     ok: int = 0
     skipped: Counter = field(default_factory=Counter)
+    conditions: ShardConditions = field(default_factory=ShardConditions)
     _sum: float = 0.0
     _sumsq: float = 0.0
     _count: int = 0
@@ -101,8 +107,11 @@ class ShardWriter:
         meta["text_length"] = length
         latent = np.asarray(row["latent"])
         for name, data in sample_members(key, latent, np.asarray(row["text"])[:length], np.asarray(row["pooled"]),
-                                         str(row["caption"]), meta).items():
+                                         str(row["caption"]), meta, row.get("image")).items():
             add_member(self._tar, name, data)  # type: ignore[arg-type]
+        if "conditions" in meta:
+            add_member(self._tar, f"{key}.{CONDITIONS_MEMBER}", formats.encode_json(meta["conditions"]))  # type: ignore[arg-type]
+            self.conditions.add(meta["conditions"])
         values = formats.storage_to_tensor(latent, self.dtype).float().numpy()
         values = values[0] if values.ndim == 4 else values  # mean_std: statistics of the mean
         self._sum += float(values.sum(dtype=np.float64))
@@ -133,6 +142,8 @@ class ShardWriter:
         var = max(self._sumsq / self._count - mean * mean, 0.0) if self._count else 0.0
         stats = {"input_sha256": self.input_sha256, "rows": self.seen, "ok": self.ok,
                  "skipped": dict(sorted(self.skipped.items())), "latent_mean": mean, "latent_std": var ** 0.5}
+        if self.conditions.stats():
+            stats["conditions"] = self.conditions.stats()
         if self.error:
             stats["partial"] = {"reason": self.error,
                                 "lost_samples": max(self.input_samples - self.seen, 0)}
