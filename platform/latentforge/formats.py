@@ -2,6 +2,7 @@
 
 Ingest shard  `NNNNN.tar`:  `{key}.jpg|png|webp` (RGB), `{key}.txt` (caption), `{key}.json` (metadata)
 Latent shard  `NNNNN.tar`:  `{key}.latent.npy`, `{key}.text.npy`, `{key}.pooled.npy`, `{key}.txt`, `{key}.json`
+                            (+ `{key}.pixels.npy` with --store-pixels)
 
 Keys are `{shard:05d}{index:04d}` and survive every stage unchanged, so a latent can always be
 traced back to its ingest ledger row. Arrays are `.npy` (never pickles). numpy has no bfloat16,
@@ -24,6 +25,8 @@ SHARD_DIGITS = 5
 INDEX_DIGITS = 4
 MAX_SAMPLES_PER_SHARD = 10 ** INDEX_DIGITS
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+PIXELS_MEMBER = "pixels.npy"
+"""Latent-shard member of the preprocessed image (uint8 R x R x 3), written with precompute --store-pixels."""
 
 # Storage dtype name -> torch attribute name (torch itself is imported only where tensors are used).
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

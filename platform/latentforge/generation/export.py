@@ -46,9 +46,10 @@ class ExportedModel:
         return storage.sha256_file(uri) if storage.exists(uri) else None
 
     def sampler(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                text_states: str = "auto") -> Any:
+                text_states: str = "auto", unet: Any = None) -> Any:
         """A `Sampler` with the manifest's VAE and text encoder on `device`; text_states "auto" = the
-        convention the data manifest records (absent: real_tokens, data made before it was recorded)."""
+        convention the data manifest records (absent: real_tokens, data made before it was recorded).
+        `unet`: a wrapper of this export's UNet to sample with instead (an upscaler's image condition)."""
         from latentforge.generation.sampler import Sampler
         from latentforge.models.text_encoder import load_text_encoder_from_manifest
         from latentforge.models.vae import load_vae_from_manifest
@@ -57,7 +58,8 @@ class ExportedModel:
         text_encoder = load_text_encoder_from_manifest(self.data_manifest, device=device, dtype=dtype)
         if text_states == "auto":
             text_states = self.data_manifest.extra.get("text_states", "real_tokens")
-        return Sampler(self.unet, vae, text_encoder, self.scheduler_config, device=device, dtype=dtype,
+        unet = unet if unet is not None else self.unet
+        return Sampler(unet, vae, text_encoder, self.scheduler_config, device=device, dtype=dtype,
                        text_states=text_states, default_resolution=self.data_manifest.extra.get("resolution"))
 
 

@@ -122,7 +122,7 @@ def pixels_record(config: PrecomputeConfig) -> dict[str, Any]:
     """What `extra.pixels` says about the stored images ({} = none stored); the upscaler stage reads it."""
     if not config.store_pixels:
         return {}
-    return {"member": "pixels.npy", "dtype": "uint8", "layout": "HWC",
+    return {"member": formats.PIXELS_MEMBER, "dtype": "uint8", "layout": "HWC",
             "size": [config.resolution, config.resolution]}
 
 

@@ -51,7 +51,7 @@ def sample_members(key: str, latent: np.ndarray, text: np.ndarray, pooled: np.nd
         f"{key}.json": formats.encode_json(meta),
     }
     if pixels is not None:
-        members[f"{key}.pixels.npy"] = formats.encode_npy(np.asarray(pixels, dtype=np.uint8))
+        members[f"{key}.{formats.PIXELS_MEMBER}"] = formats.encode_npy(np.asarray(pixels, dtype=np.uint8))
     return members
 
 

@@ -58,6 +58,18 @@ class TrainConfig(TrackingOptions):
     """DDPMScheduler beta schedule."""
     num_train_timesteps: int = 1000
     """DDPM timesteps."""
+    stage: Literal["base", "upscaler"] = "base"
+    """What the UNet learns: base (text -> latents) or upscaler (super-resolution: the noisy latent concatenated
+    with a low-res image made from the sample's stored pixels, needs precompute --store-pixels;
+    docs/super_resolution.md)."""
+    lowres_factor: int = 4
+    """Upscaler: the high-res image is downsampled by this factor to make the low-res input."""
+    max_noise_level: int = 350
+    """Upscaler: noise-augmentation levels of the low-res input are drawn from [0, this] (SD x4: 350)."""
+    lowres_blur: float = 0.0
+    """Upscaler: largest Gaussian blur sigma (high-res px) drawn per sample before downsampling; 0 = none."""
+    lowres_jpeg: int = 0
+    """Upscaler: lowest JPEG quality drawn per sample (up to 95) for the low-res input; 0 = no JPEG."""
     seed: int = 0
     """Seed for the weights, the noise/timestep generator and the data order."""
     shuffle_buffer: int = 1000
@@ -142,6 +154,9 @@ class TrainConfig(TrackingOptions):
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError("mixed_precision fp16 needs --use-gpu (use bf16 or no on CPU)")
         self._check_eval()
+        from latentforge.upscaler.training import check_options
+
+        check_options(self)
         unknown = sorted(set(self.export_formats) - set(EXPORT_FORMATS))
         if unknown:
             raise ConfigError(f"export_formats: unknown {unknown}; expected some of {list(EXPORT_FORMATS)}")

@@ -9,9 +9,19 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from latentforge.training import data as tdata
+
+
+Transform = Callable[[dict[str, Any], dict[str, Any], int], dict[str, Any]]
+"""(decoded sample, its tar row, epoch) -> the sample with what a stage makes per sample and epoch."""
+
+
+def decode_sample(row: dict[str, Any], dtype: str, epoch: int, transform: Transform | None = None) -> dict[str, Any]:
+    """A tar row decoded (`data.decode_row`), then transformed for `epoch` (an upscaler's low-res input)."""
+    sample = tdata.decode_row(row, dtype)
+    return transform(sample, row, epoch) if transform is not None else sample
 
 
 class BatchFeeder:
@@ -24,10 +34,11 @@ class BatchFeeder:
     """
 
     def __init__(self, iterator: Any, plan: tdata.DataPlan, rank: int, epoch: int, skip: int, batch_size: int,
-                 dtype: str, min_length: int, batches: int, prefetch: int = 4) -> None:
+                 dtype: str, min_length: int, batches: int, prefetch: int = 4,
+                 transform: Transform | None = None) -> None:
         self.iterator, self.plan, self.rank = iterator, plan, rank
         self.epoch, self.skip, self.batch_size, self.batches = epoch, skip, batch_size, batches
-        self.dtype, self.min_length = dtype, min_length
+        self.dtype, self.min_length, self.transform = dtype, min_length, transform
         self.queue: queue.Queue = queue.Queue(prefetch)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="batch-feeder", daemon=True)
@@ -69,7 +80,7 @@ class BatchFeeder:
         epoch_rows = tdata.rank_rows(stream, self.plan, self.rank)
         buffer = []
         for row in tdata.shuffled_epoch(epoch_rows, self.plan, self.rank, epoch, skip):
-            buffer.append(tdata.decode_row(row, self.dtype))
+            buffer.append(decode_sample(row, self.dtype, epoch, self.transform))
             if len(buffer) == self.batch_size:
                 if not self._put((epoch, tdata.collate(buffer, self.min_length))):
                     return -1
