@@ -106,7 +106,8 @@ def run(config: AutoencoderTrainConfig) -> AutoencoderResult:
     resolved = config_to_dict(config)
     export_uri = run_storage.export_dir(config.storage_path, config.run_name)
     started = time.time()
-    with StageRun(STAGE, run_name=config.run_name, run_id=(previous or {}).get("mlflow_run_id")) as tracking:
+    with StageRun(STAGE, run_name=config.run_name, run_id=(previous or {}).get("mlflow_run_id"),
+                  enabled=config.mlflow) as tracking:
         if previous is None:
             run_storage.write_run_state(config.storage_path, config.run_name, {
                 "mlflow_run_id": tracking.run_id, "data_dir": config.data, "num_workers": config.num_workers,
@@ -116,7 +117,8 @@ def run(config: AutoencoderTrainConfig) -> AutoencoderResult:
             tracking.log_manifest(config.data, work["digest"], "input")
         _fit(config, work, {"config": resolved, "rank_shards": work["rank_shards"], "val_keys": work["val_keys"],
                             "val_images": work["val_images"], "data_digest": work["digest"],
-                            "mlflow_run_id": tracking.run_id, "tracking_uri": tracking_uri(),
+                            "mlflow_run_id": tracking.run_id,
+                            "tracking_uri": tracking_uri() if config.mlflow else None,  # tracking_uri() makes ./mlruns
                             "export_uri": export_uri})
         export = read_manifest(export_uri, stage=STAGE)
         tracking.set_tags({"latentforge.export_uri": export_uri})

@@ -18,7 +18,7 @@ from latentforge.tracking import PipelineRun, StageRun
 from tests.harness.latent_shards import write_latent_dataset
 from tests.harness.tiny_export import build_tiny_export
 
-JOBS = ("download_images", "precompute_latents", "train", "generate", "evaluate", "demo")
+JOBS = ("download_images", "train_autoencoder", "precompute_latents", "train", "generate", "evaluate", "demo")
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from latentforge.config import ConfigError
+from latentforge.tracking import TrackingOptions
 
 
 @dataclass
-class AutoencoderTrainConfig:
+class AutoencoderTrainConfig(TrackingOptions):
     """Train or fine-tune a diffusers AutoencoderKL on ingest shards with Ray Train + Accelerate."""
 
     data: str = ""
