@@ -169,3 +169,27 @@ def test_large_jpeg_reduced_decode_matches_the_full_decode() -> None:
     theirs = np.asarray(decode(full), dtype=np.float64)
     psnr = 10 * np.log10(255 ** 2 / np.mean((ours - theirs) ** 2))
     assert psnr > 32, f"reduced-scale decode differs from the full decode: PSNR {psnr:.1f} dB"
+
+
+@pytest.mark.parametrize("mode", ["border", "center_crop"])
+def test_resizer_transforms_are_built_once_and_give_the_same_bytes(mode: str) -> None:
+    # img2dataset's resizer builds its albumentations transforms for every image (~1/4 of a
+    # small image's resize CPU); ours are built once per argument set and shared by all calls.
+    import sys
+
+    proc = processor(image_size=64, resize_mode=mode)
+    transforms = sys.modules[type(proc.resizer).__module__].A
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate([(320, 240), (200, 300), (40, 30)])]
+    transforms._built.clear()  # what earlier tests in this process built
+    reused = [proc.process(data).data for data in images]
+    first_pass = dict(transforms._built)
+    assert len(first_pass) == 3  # the resize down, the resize up, the pad or crop
+    assert [proc.process(data).data for data in images] == reused
+    assert transforms._built.keys() == first_pass.keys()
+    assert all(transforms._built[key] is first_pass[key] for key in first_pass)
+    module = sys.modules[type(proc.resizer).__module__]
+    module.A = transforms._albumentations  # img2dataset's own way: new transforms for every image
+    try:
+        assert [proc.process(data).data for data in images] == reused
+    finally:
+        module.A = transforms

@@ -229,3 +229,33 @@ def test_text_input_shards_equal_the_parquet_inputs(tmp_path, http_server, name:
     for shard in reference["shards"]:
         ledger, expected = (pq.read_table(tmp_path / d / f"{shard['name']}.parquet") for d in ("out", "ref"))
         assert ledger.drop_columns(["seconds"]).equals(expected.drop_columns(["seconds"]))
+
+
+def test_a_fresh_worker_writes_the_same_tar_without_importing_torch(tmp_path, http_server) -> None:
+    """A new worker process's shard code (the warm-up, then one shard) imports neither torch nor
+    webdataset's package (which imports torch: 1-2 CPU-seconds per worker before its first shard),
+    writes the tar byte for byte as webdataset's package does here, and a later
+    `import webdataset` in that process still gets the whole package."""
+    import subprocess
+    import sys
+
+    import webdataset  # the reference run below writes through the package as imported normally
+
+    http_server.set_pool(realistic_jpeg_pool(3))
+    write_rows(tmp_path / "in.parquet", pool_rows(http_server, 4))
+    reference = run_local(config_for(tmp_path, output=str(tmp_path / "ref")))["shards"][0]["sha256"]
+    config = config_for(tmp_path)
+    code = ("import hashlib, sys\n"
+            "from latentforge.ingest.config import IngestConfig\n"
+            "from latentforge.ingest.inputs import input_plan\n"
+            "from latentforge.ingest.shards import process_shard, warm_worker\n"
+            f"config = IngestConfig(**{config.__dict__!r})\n"
+            "warm_worker(config)\n"
+            "record = process_shard({'shard': 0, 'kind': 'range', 'start': 0, 'end': 4}, config, input_plan(config))\n"
+            "print(record['sha256'], record['samples'], 'torch' in sys.modules, 'webdataset' in sys.modules)\n"
+            "import webdataset\n"
+            "print(hasattr(webdataset, 'WebDataset'), 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [reference, "4", "False", "False", "True", "True"]
+    assert hasattr(webdataset, "TarWriter")

@@ -19,17 +19,19 @@ The output is always a 3-channel RGB image encoded as jpg/png/webp.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import math
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from latentforge.ingest.light_imports import resizer_class
 
 EXIF_ORIENTATION = 0x0112
 JPEG_SCALES = (8, 4, 2)   # the reductions libjpeg (cv2.IMREAD_REDUCED_COLOR_N) decodes directly
@@ -127,27 +129,44 @@ def standard_streams_kept() -> Iterator[None]:
             os.close(fd)
 
 
-def _resizer_class() -> type:
-    """img2dataset's `Resizer`, loaded without running `img2dataset/__init__.py`.
+class _ReusedTransforms:
+    """albumentations as img2dataset's resizer module sees it, except that a transform built
+    again with the same arguments is the one built before.
 
-    That __init__ imports the downloader, whose logger imports wandb, and wandb makes two temp
-    dirs at import (tmp*wandb-media, tmp*wandb-artifacts) that only a clean interpreter exit
-    removes; Ray workers never exit cleanly, so each one left them behind. resizer.py itself
-    imports no other img2dataset module. It is registered under its own name, so a later import
-    of img2dataset (and its downloader) gets this very module.
+    The resizer builds its `LongestMaxSize`, `PadIfNeeded`, ... afresh for every image, and
+    building one (pydantic validation, `inspect.signature`) cost ~10 % of a whole resize of a
+    typical web image, all of it holding the GIL. Sharing one across threads is safe: the
+    resizer calls them with p=1, so a call draws nothing random, and the one attribute a call
+    writes, `params` (a record of the last call), is read by nothing here.
     """
-    name = "img2dataset.resizer"
-    if name not in sys.modules:
-        package = importlib.util.find_spec("img2dataset")  # locates the package without importing it
-        if package is None or not package.submodule_search_locations:
-            raise ImportError("img2dataset is not installed")
-        path = os.path.join(list(package.submodule_search_locations)[0], "resizer.py")
-        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # resizer.py imports albumentations, which phones home
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[name].Resizer
+
+    def __init__(self, albumentations: Any) -> None:
+        self._albumentations = albumentations
+        self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        factory = getattr(self._albumentations, name)
+        if not (isinstance(factory, type) and issubclass(factory, self._albumentations.BasicTransform)):
+            return factory
+        return lambda **kwargs: self._transform(factory, kwargs)
+
+    def _transform(self, factory: type, kwargs: dict[str, Any]) -> Any:
+        key = f"{factory.__name__}{sorted(kwargs.items())!r}"  # repr: the arguments include lists
+        with self._lock:
+            if key not in self._built:
+                self._built[key] = factory(**kwargs)
+            return self._built[key]
+
+
+def resizer_with_reused_transforms() -> type:
+    """img2dataset's `Resizer`, its module switched (once per process) to `_ReusedTransforms`."""
+    resizer = resizer_class()
+    module = sys.modules[resizer.__module__]
+    albumentations = getattr(module, "A", None)  # resizer.py: `import albumentations as A`
+    if albumentations is not None and not isinstance(albumentations, _ReusedTransforms):
+        module.A = _ReusedTransforms(albumentations)
+    return resizer
 
 
 def admit_in_pillow(max_pixels: int) -> None:
@@ -167,7 +186,7 @@ class ImageProcessor:
     """Thread-safe; one per worker (the resizer holds only settings)."""
 
     def __init__(self, config: Any) -> None:
-        Resizer = _resizer_class()  # heavy import (cv2, albumentations): only in workers
+        Resizer = resizer_with_reused_transforms()  # heavy import (cv2, albumentations): only in workers
 
         self.allowed = {f.upper() for f in config.allowed_formats}
         self.max_pixels = int(config.max_image_pixels)

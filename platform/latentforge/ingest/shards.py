@@ -31,6 +31,7 @@ from latentforge.ingest.config import IngestConfig
 from latentforge.ingest.download import Fetcher, FetchSettings
 from latentforge.ingest.images import ImageProcessor, standard_streams_kept
 from latentforge.ingest.inputs import InputPlan, read_rows, split_record
+from latentforge.ingest.light_imports import tar_writer_class
 from latentforge.ingest.safety import AddressPolicy
 
 # Fixed member mtime, so the same samples give byte-identical tars. An int: with a float,
@@ -86,10 +87,9 @@ def worker_parts(config: IngestConfig) -> tuple[Fetcher, ImageProcessor]:
 
 
 def warm_worker(config: IngestConfig) -> None:
-    """Pay a shard task's one-off costs now: webdataset (which pulls in torch), the resizer's
+    """Pay a shard task's one-off costs now: webdataset's tar writer, the resizer's
     cv2/albumentations and this process's fetcher. A worker that ran this starts shards at once."""
-    import webdataset  # noqa: F401
-
+    tar_writer_class()
     worker_parts(config)
 
 
@@ -177,8 +177,6 @@ class _HashingWriter:
 
 def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputPlan) -> dict[str, Any]:
     """Write one shard's three files (each atomically) and return its manifest record."""
-    import webdataset as wds
-
     started = time.monotonic()
     shard = int(descriptor["shard"])
     fetcher, processor = worker_parts(config)
@@ -191,7 +189,7 @@ def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputP
     with storage.atomic_open(tar_uri, "wb") as raw, standard_streams_kept(), \
             ThreadPoolExecutor(threads, thread_name_prefix="lf-dl") as pool:
         hashing = _HashingWriter(raw)
-        writer = wds.TarWriter(hashing, encoder=False, mtime=TAR_MTIME)
+        writer = tar_writer_class()(hashing, encoder=False, mtime=TAR_MTIME)
         window: collections.deque[Future] = collections.deque()
 
         def drain_one() -> None:
