@@ -136,6 +136,10 @@ def run(config: GenerateConfig) -> GenerateResult:
     from latentforge.generation.export import read_data_manifest, resolve_export_dir
     from latentforge.tracking import StageRun
 
+    if config.upscaler:  # super-resolution: a cascade or given images (pipelines/upscale.py)
+        from pipelines.upscale import run as run_upscale
+
+        return run_upscale(config)
     config.check_required()
     started = time.monotonic()
     export_dir = resolve_export_dir(config.model)

@@ -61,3 +61,50 @@ def test_resume_refuses_to_mix_outputs_with_and_without_pixels(tmp_path) -> None
     config.store_pixels = True
     with pytest.raises(ManifestError, match="store_pixels"):
         plan_run(config)
+
+
+def test_degradation_is_a_pure_function_of_seed_key_and_epoch() -> None:
+    image = _images(1, 32)[0]
+    plain = Degradation(factor=2)
+    np.testing.assert_array_equal(plain.apply(image, "k", 0), plain.apply(image, "k", 7))  # nothing random
+    expected = np.asarray(Image.fromarray(image).resize((16, 16), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(plain.apply(image, "k", 0), expected)
+    noisy = Degradation(factor=2, blur=2.0, jpeg=20, seed=3)
+    a = noisy.apply(image, "k", 0)
+    np.testing.assert_array_equal(a, Degradation(factor=2, blur=2.0, jpeg=20, seed=3).apply(image, "k", 0))
+    assert a.shape == (16, 16, 3) and a.dtype == np.uint8
+    assert not np.array_equal(a, noisy.apply(image, "k", 1))
+    assert not np.array_equal(a, noisy.apply(image, "other", 0))
+    with pytest.raises(ValueError, match="not divisible"):
+        Degradation(factor=3).apply(image, "k", 0)
+    with pytest.raises(ValueError, match="jpeg"):
+        Degradation(factor=2, jpeg=100)
+
+
+def test_lowres_input_is_resized_to_the_latent_size_in_the_pixel_range() -> None:
+    low = _images(2, 8)
+    pixels = lowres_pixels(low, 16)
+    assert pixels.shape == (2, 3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+    same = lowres_pixels(low, 8)
+    torch.testing.assert_close(same, torch.from_numpy(low).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert bicubic_upsample(low, 16).shape == (2, 16, 16, 3)
+
+
+def test_noise_level_zero_is_nearly_clean_and_max_is_the_documented_mix() -> None:
+    """Documented in conditioning.py: x_l = sqrt(a_l) x + sqrt(1 - a_l) eps with SD x4's low-res schedule."""
+    scheduler = conditioning.make_low_res_scheduler()
+    x = torch.rand(64, 3, 16, 16) * 2 - 1
+    def mix(level: int) -> tuple[float, float]:
+        gen = torch.Generator().manual_seed(0)
+        out = conditioning.augment(x, torch.full((64,), level), scheduler, gen)
+        scale = float((out * x).sum() / (x * x).sum())  # least-squares signal scale (noise is independent of x)
+        return scale, float((out - scale * x).std())
+    scale0, noise0 = mix(0)
+    assert scale0 == pytest.approx(0.99995, abs=2e-3) and noise0 == pytest.approx(0.0100, rel=0.05)
+    scale350, noise350 = mix(350)
+    assert scale350 == pytest.approx(0.800, abs=0.01) and noise350 == pytest.approx(0.600, rel=0.05)
+    levels = conditioning.sample_levels(4000, 250, torch.Generator().manual_seed(0))
+    assert int(levels.min()) == 0 and int(levels.max()) == 250  # both ends are trained
+    conditioning.check_noise_level(250, 250)
+    with pytest.raises(conditioning.NoiseLevelError, match=r"\[0, 250\]"):
+        conditioning.check_noise_level(251, 250)

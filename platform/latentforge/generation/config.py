@@ -35,6 +35,15 @@ class GenerateConfig(TrackingOptions):
     """img2img: the input image (its size is resized to the output size)."""
     strength: float = 0.75
     """img2img denoising strength in [0, 1]: 0 returns the input, 1 ignores it (txt2img)."""
+    upscaler: str = ""
+    """Super-resolution stage export(s), a comma list in order: with --model each upsamples the previous stage's
+    images (a cascade), alone they upsample --init-images (docs/super_resolution.md)."""
+    init_images: str | None = None
+    """With --upscaler and no --model: a directory of low-res images, taken sorted by name (a generate output's
+    grid.png skipped); --prompts gives one prompt per image or one for all."""
+    noise_level: int = 20
+    """Upscalers: noise-augmentation level of the low-res input, within the stage's trained [0, max_noise_level]
+    (SD x4's default 20); higher hides more of the input's artefacts and more of its detail."""
     batch_size: int = 4
     """Prompts per UNet batch."""
     height: int | None = None
@@ -81,9 +90,18 @@ class GenerateConfig(TrackingOptions):
                 raise ValueError(f"{name} must be >= 8")
 
     def check_required(self) -> None:
-        missing = [f"--{n}" for n in ("model", "prompts", "out") if not getattr(self, n)]
+        if self.init_images and (self.model or not self.upscaler):
+            raise ValueError("--init-images goes with --upscaler and without --model (a cascade starts from the base)")
+        needed = ("prompts", "out") if self.upscaler else ("model", "prompts", "out")
+        missing = [f"--{n}" for n in needed if not getattr(self, n)]
+        if self.upscaler and not (self.model or self.init_images):
+            missing.append("--model or --init-images")
         if missing:
             raise ValueError(f"missing required option(s): {', '.join(missing)}")
+
+    @property
+    def upscalers(self) -> list[str]:
+        return [u.strip() for u in self.upscaler.split(",") if u.strip()]
 
     def settings(self) -> dict:
         """What fixes the pixels of an output; a rerun into the same dir must keep these."""

@@ -1,0 +1,139 @@
+"""Super-resolution at generate time: `jobs/generate.py --upscaler SR [--model BASE]` (docs/super_resolution.md).
+
+    --upscaler SR --init-images DIR       each image of DIR (sorted by name) -> SR
+    --model BASE --upscaler SR1,SR2       base txt2img -> SR1 -> SR2, request by request
+
+The chain is checked from the manifests first (sizes, channels: exit 2 before any model loads);
+`latentforge.upscaler.cascade` has the rules. Output: NNNNNN.png per request (the last stage's image,
+its provenance in the PNG), index.jsonl, grid.png and manifest.json, like plain generation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from latentforge import manifest as mf
+from latentforge import reporting, storage
+from latentforge.config import ConfigError, config_to_dict
+from latentforge.generation.config import GenerateConfig
+from latentforge.generation.outputs import GRID_NAME, INDEX_NAME, Request, load_prompts, request_row, save_grid, \
+    save_png, write_index
+from latentforge.upscaler.cascade import Cascade, base_output_size, image_files, load_images, plan_cascade
+from pipelines.generate import GenerateResult
+
+
+def _requests(config: GenerateConfig, count: int | None) -> list[Request]:
+    """The prompts; with given images, one prompt per image or one prompt for all of them."""
+    requests = load_prompts(config.prompts, config.seed)
+    if count is None or len(requests) == count:
+        return requests
+    if len(requests) == 1:
+        return [Request(i, requests[0].prompt, config.seed + i) for i in range(count)]
+    raise ConfigError(f"--prompts gives {len(requests)} prompts for {count} --init-images: give one per image "
+                      "or a single prompt")
+
+
+def _params(config: GenerateConfig, size: int) -> Any:
+    from latentforge.generation.sampler import SampleParams
+
+    return SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
+                        negative_prompt=config.negative_prompt, height=size, width=size)
+
+
+class Stages:
+    """The loaded models of a cascade; `run(requests, images)` -> the last stage's uint8 images."""
+
+    def __init__(self, config: GenerateConfig, cascade: Cascade) -> None:
+        from latentforge.generation.devices import resolve_device, resolve_dtype
+        from latentforge.generation.export import load_export
+        from latentforge.upscaler.sampling import Upscaler
+
+        device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+        self.config, self.cascade = config, cascade
+        self.base = None
+        if cascade.base:
+            self.base = load_export(cascade.base, device=device, dtype=dtype).sampler(
+                device=device, dtype=dtype, text_states=config.text_states)
+        self.upscalers = [Upscaler(load_export(d, device=device, dtype=dtype), device, dtype, config.text_states)
+                          for d in cascade.upscalers]
+
+    def run(self, requests: list[Request], images: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
+        """uint8 (B, S, S, 3) of the last stage and the meta of its images."""
+        prompts, seeds = [r.prompt for r in requests], [r.seed for r in requests]
+        if self.base is not None:
+            made = self.base.txt2img(prompts, seeds, _params(self.config, self.cascade.input_size), len(requests))
+            images = np.stack([m.to_uint8() for m in made])  # what a PNG of the base stage stores
+        meta: dict[str, Any] = {}
+        for upscaler in self.upscalers:
+            made = upscaler.upscale(images, prompts, seeds, _params(self.config, upscaler.resolution),
+                                    self.config.noise_level)
+            images, meta = np.stack([m.to_uint8() for m in made]), made[0].meta
+        return images, meta
+
+
+def _write(config: GenerateConfig, requests: list[Request], stages: Stages, inputs: np.ndarray | None,
+           extra_meta: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for start in range(0, len(requests), config.batch_size):
+        chunk = requests[start:start + config.batch_size]
+        images, meta = stages.run(chunk, None if inputs is None else inputs[start:start + config.batch_size])
+        for request, image in zip(chunk, images):
+            record = {**meta, "prompt": request.prompt, "seed": request.seed, "height": image.shape[0],
+                      "width": image.shape[1], **extra_meta}
+            sha = save_png(storage.join(config.out, request.file), image, record)
+            rows.append({**request_row(request, record), "sha256": sha})
+    return rows
+
+
+def plan(config: GenerateConfig) -> tuple[Cascade, list[str] | None]:
+    """The checked chain and the input image files (None with a base model); exit-2 errors only."""
+    from latentforge.generation.export import resolve_export_dir
+
+    upscalers = [resolve_export_dir(u) for u in config.upscalers]
+    if config.model:
+        base = resolve_export_dir(config.model)
+        return plan_cascade(base, upscalers, base_output_size(base, config.height, config.width)), None
+    return plan_cascade(None, upscalers, None), image_files(config.init_images or "")
+
+
+def run(config: GenerateConfig) -> GenerateResult:
+    from latentforge.tracking import StageRun
+
+    config.check_required()
+    started = time.monotonic()
+    cascade, files = plan(config)
+    inputs = load_images(files, cascade.input_size) if files else None
+    requests = _requests(config, None if inputs is None else len(inputs))
+    storage.makedirs(config.out)
+    settings = {"base": cascade.base, "upscalers": cascade.upscalers, "noise_level": config.noise_level,
+                "init_images": config.init_images or ""}
+    manifest = mf.Manifest(stage="generate", config=config_to_dict(config), counts={"requests": len(requests)},
+                           inputs=[{"uri": d, "kind": "export"} for d in [cascade.base, *cascade.upscalers] if d],
+                           extra={"settings": settings, "cascade": settings})
+    with StageRun("generate", run_name=config.run_name or "upscale", enabled=config.mlflow) as tracker:
+        tracker.log_params(config_to_dict(config))
+        stages = Stages(config, cascade)
+        rows = _write(config, requests, stages, inputs, {"stages": [cascade.base or "input", *cascade.upscalers]})
+        write_index(storage.join(config.out, INDEX_NAME), rows)
+        save_grid(storage.join(config.out, GRID_NAME), [_read(config.out, r["file"]) for r in rows[:config.grid_max]])
+        manifest.counts.update(images=len(rows), generated=len(rows))
+        manifest.extra.update(index=INDEX_NAME, grid=GRID_NAME)
+        digest = mf.write_manifest(config.out, manifest)
+        seconds = time.monotonic() - started
+        tracker.log_metrics({"images": len(rows), "seconds": seconds})
+    summary = reporting.summary_table("generate (super-resolution)", [
+        ("base", cascade.base or f"--init-images {config.init_images}"), ("upscalers", " -> ".join(cascade.upscalers)),
+        ("sizes", f"{cascade.input_size} px -> {cascade.output_size} px"), ("noise level", config.noise_level),
+        ("images", len(rows)), ("output", config.out)])
+    return GenerateResult(out=config.out, total=len(requests), generated=len(rows), skipped=0, seconds=seconds,
+                          manifest_sha256=digest, mlflow_run_id=getattr(tracker, "run_id", None), summary=summary)
+
+
+def _read(out: str, name: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(storage.join(out, name)) as image:
+        return np.asarray(image.convert("RGB"))

@@ -1,0 +1,109 @@
+"""Super-resolution at generate time: --upscaler on given images, the cascade, and its refusals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentforge.config import ConfigError
+from latentforge.generation.config import GenerateConfig
+from latentforge.models.text_encoder import save_tiny_clip_checkpoint
+from latentforge.training.config import TrainConfig
+from tests.harness.sr_scenes import export, make_trainer, write_scene_latents
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Untrained tiny exports: a 16 px base, a 16 -> 32 px upscaler and a 8 -> 32 px one (factor 4)."""
+    root = tmp_path_factory.mktemp("cascade")
+    clip = str(save_tiny_clip_checkpoint(root / "clip.safetensors"))
+    low = write_scene_latents(root / "lat16", clip, count=8, resolution=16, shard_size=8)
+    high = write_scene_latents(root / "lat32", clip, count=8, resolution=32, shard_size=8)
+    upscaler = dict(stage="upscaler", max_noise_level=100, ema_decay=0, batch_size=4)
+    return {
+        "base": export(make_trainer(low, TrainConfig(data=str(low.dir), ema_decay=0)), low, root / "base"),
+        "sr": export(make_trainer(high, TrainConfig(data=str(high.dir), lowres_factor=2, **upscaler)), high,
+                     root / "sr"),
+        "sr4": export(make_trainer(high, TrainConfig(data=str(high.dir), lowres_factor=4, **upscaler)), high,
+                      root / "sr4"),
+    }
+
+
+def generate(tmp_path, out: str, **options) -> list[np.ndarray]:
+    from pipelines.generate import run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\n")
+    config = GenerateConfig(prompts=str(prompts), out=str(tmp_path / out), steps=3, guidance=2.0, seed=5,
+                            mlflow=False, progress=False, **options)
+    run(config)
+    files = sorted(f for f in os.listdir(tmp_path / out) if f[0].isdigit() and f.endswith(".png"))
+    return [np.asarray(Image.open(tmp_path / out / f).convert("RGB")) for f in files]
+
+
+def test_cascade_equals_the_stages_run_by_hand_with_the_same_seeds(models, tmp_path) -> None:
+    cascade = generate(tmp_path, "cascade", model=models["base"], upscaler=models["sr"], noise_level=20)
+    base = generate(tmp_path, "base", model=models["base"])
+    by_hand = generate(tmp_path, "by_hand", upscaler=models["sr"], init_images=str(tmp_path / "base"),
+                       noise_level=20)
+    assert [a.shape for a in cascade] == [(32, 32, 3)] * 2 and [a.shape for a in base] == [(16, 16, 3)] * 2
+    for a, b in zip(cascade, by_hand):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    other_level = generate(tmp_path, "level", upscaler=models["sr"], init_images=str(tmp_path / "base"),
+                           noise_level=90)
+    assert any(not np.array_equal(a, b) for a, b in zip(by_hand, other_level))  # the level reaches the UNet
+
+
+def test_refusals_before_any_model_loads(models, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"takes 8x8 px low-res images but the base model .* makes 16x16 px"):
+        generate(tmp_path, "a", model=models["base"], upscaler=models["sr4"])
+    with pytest.raises(ConfigError, match="is a base model, not an upscaler"):
+        generate(tmp_path, "b", model=models["base"], upscaler=models["base"])
+    with pytest.raises(ConfigError, match=r"takes 16x16 px"):  # SR -> SR: 32 px into a 16 px input
+        generate(tmp_path, "c", model=models["base"], upscaler=f"{models['sr']},{models['sr']}")
+    (tmp_path / "big").mkdir()
+    Image.new("RGB", (20, 16)).save(tmp_path / "big" / "000000.png")
+    with pytest.raises(ConfigError, match=r"000000.png is 16x20 px but the upscaler takes 16x16"):
+        generate(tmp_path, "d", upscaler=models["sr"], init_images=str(tmp_path / "big"))
+    with pytest.raises(ValueError, match=r"outside the upscaler's trained range \[0, 100\]"):
+        generate(tmp_path, "e", model=models["base"], upscaler=models["sr"], noise_level=101)
+
+
+def test_an_autoencoder_whose_channels_do_not_fit_the_unet_is_refused(models, tmp_path) -> None:
+    import shutil
+
+    from latentforge import storage
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["sr"], broken)
+    data = storage.read_json(str(broken / "data_manifest.json"))
+    data["models"]["vae"]["latent_channels"] = 4  # an SD-style autoencoder under a 12 + 3 channel UNet
+    storage.atomic_write_json(str(broken / "data_manifest.json"), data)
+    with pytest.raises(ConfigError, match="has 4 latent channels but its UNet takes 15"):
+        generate(tmp_path, "x", model=models["base"], upscaler=str(broken))
+
+
+def test_job_exits_2_with_one_line_for_a_size_mismatch(models, tmp_path) -> None:
+    cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), "--model", models["base"], "--upscaler", models["sr4"],
+           "--prompts", "a red circle", "--out", str(tmp_path / "out"), "--no-mlflow"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "8x8 px" in line]
+    assert len(errors) == 1 and "16x16 px" in errors[0]
