@@ -24,6 +24,7 @@ import numpy as np
 
 from latentforge import manifest as mf
 from latentforge import reporting, storage
+from latentforge.conditioning.spec import ConditionSet
 from latentforge.config import ConfigError, config_to_dict
 from latentforge.generation.config import GenerateConfig
 from latentforge.generation.outputs import (GRID_NAME, INDEX_NAME, Request, as_dict, finished, load_prompts,
@@ -31,7 +32,7 @@ from latentforge.generation.outputs import (GRID_NAME, INDEX_NAME, Request, as_d
 
 log = logging.getLogger(__name__)
 SETTINGS_KEYS = ("model", "sampler", "steps", "guidance", "negative_prompt", "text_states", "init_image",
-                 "strength", "height", "width", "dtype")
+                 "strength", "height", "width", "dtype", "condition")
 
 
 @dataclass
@@ -57,11 +58,12 @@ def _sampler(config: GenerateConfig, model: Any = None) -> tuple[Any, Any]:
     return export, export.sampler(device=device, dtype=dtype, text_states=config.text_states)
 
 
-def _params(config: GenerateConfig, height: int, width: int) -> Any:
+def _params(config: GenerateConfig, height: int, width: int, conditions: dict[str, Any] | None = None) -> Any:
     from latentforge.generation.sampler import SampleParams
 
     return SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
-                        negative_prompt=config.negative_prompt, height=height, width=width)
+                        negative_prompt=config.negative_prompt, height=height, width=width,
+                        conditions=conditions or {})
 
 
 class SamplerActor:
@@ -71,6 +73,7 @@ class SamplerActor:
         self.config = GenerateConfig(**config)
         self.height, self.width, self.model_ref = height, width, model_ref
         _, self.sampler = _sampler(self.config)
+        self.params = _params(self.config, height, width, self.sampler.conditions.parse_request(self.config.condition))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         import json
@@ -78,7 +81,7 @@ class SamplerActor:
         from latentforge.generation.batch_generation import generate_to_dir
 
         requests = [Request(int(i), str(p), int(s)) for i, p, s in zip(batch["index"], batch["prompt"], batch["seed"])]
-        rows = generate_to_dir(self.sampler, requests, _params(self.config, self.height, self.width), self.config.out,
+        rows = generate_to_dir(self.sampler, requests, self.params, self.config.out,
                                batch_size=self.config.batch_size, init_image=self.config.init_image,
                                strength=self.config.strength, extra_meta={"model": self.model_ref})
         return {"index": [r["index"] for r in rows], "row": [json.dumps(r, default=str) for r in rows]}
@@ -117,7 +120,7 @@ def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height
                model_ref: str) -> Iterator[dict[str, Any]]:
     from latentforge.generation.batch_generation import generate_to_dir
 
-    params = _params(config, height, width)
+    params = _params(config, height, width, sampler.conditions.parse_request(config.condition))
     for start in range(0, len(todo), config.batch_size):
         yield from generate_to_dir(sampler, todo[start:start + config.batch_size], params, config.out,
                                    batch_size=config.batch_size, init_image=config.init_image,
@@ -145,6 +148,7 @@ def run(config: GenerateConfig) -> GenerateResult:
     export_dir = resolve_export_dir(config.model)
     data_manifest = read_data_manifest(export_dir if "://" not in export_dir else export_dir)
     resolution = int(data_manifest.extra.get("resolution") or 0) or None
+    ConditionSet.from_manifest(data_manifest).parse_request(config.condition)  # exit 2 before any sampling
     height, width = config.height or resolution, config.width or resolution
     if config.init_image and not os.path.isfile(config.init_image):
         raise ValueError(f"--init-image not found: {config.init_image}")

@@ -282,7 +282,8 @@ def build_dataset(config: PrecomputeConfig, shards: list[Any], actors: EncoderAc
     ctx.execution_options.preserve_order = True  # deterministic tars: rows keep input order
     ctx.enable_progress_bars = False
     preprocess = {"resolution": config.resolution, "resize_filter": config.resize_filter, "crop": config.crop,
-                  "seed": config.seed, "keep_empty_captions": config.keep_empty_captions}
+                  "seed": config.seed, "keep_empty_captions": config.keep_empty_captions,
+                  "conditions": tuple(config.condition_columns)}
     ds = ds.map_batches(
         read_shards, batch_size=1, batch_format="numpy", num_cpus=1,
         # A memory reservation for the decode buffers. Remote args that differ from the actors'

@@ -27,6 +27,8 @@ from typing import Any
 from latentforge import storage
 from latentforge.config import ConfigError, config_to_dict
 from latentforge.manifest import Manifest, ManifestError, manifest_digest, read_manifest
+from latentforge.conditioning.embedding import with_conditions
+from latentforge.conditioning.spec import ConditionSet
 from latentforge.models.unet import UNetConfigError, check_latent_size, resolve_unet_config
 from latentforge.reporting import summary_table
 from latentforge.tracking import StageRun, tracking_uri
@@ -66,6 +68,7 @@ def check_data(config: TrainConfig, manifest: Manifest) -> dict[str, Any]:
     if manifest.extra.get("latent", "mean") not in ("mean", "mean_std"):
         raise ConfigError(f"{config.data}: unknown latent kind {manifest.extra.get('latent')!r}")
     unet_config = resolve_unet_config(config.unet, channels, int(text["width"]), sample_size=height)
+    unet_config = with_conditions(unet_config, ConditionSet.from_manifest(manifest))
     check_latent_size(unet_config, height, width)
     return unet_config
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 from typing import Any
 
+from latentforge.conditioning.spec import ConditionSet
 from latentforge.config import from_dict
 from latentforge.evaluation.in_training import EvalFailures
 from latentforge.manifest import Manifest
@@ -177,7 +178,8 @@ class WorkerRun:
             raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes, Ray Train started {world}")
         self.empty_text = tdata.read_empty_caption(config.data, self.manifest)
         self.trainer = DiffusionTrainer(config, loop_config["unet_config"], self.accelerator, self.empty_text,
-                                        self.manifest.extra.get("latent", "mean"), self.rank)
+                                        self.manifest.extra.get("latent", "mean"), self.rank,
+                                        ConditionSet.from_manifest(self.manifest))
         self.mlflow_run_id = loop_config.get("mlflow_run_id")
         self.trace = _Trace(config.trace_dir, self.rank)
         self.policy = CheckpointPolicy(config.checkpoint_every, config.steps)
@@ -351,7 +353,8 @@ class WorkerRun:
                      lc["data_digest"], self.manifest, lc["config"], trainer.step, self.mlflow_run_id,
                      counts={"steps": trainer.step, "skipped_steps": trainer.skipped_steps,
                              "samples_seen": trainer.samples_seen},
-                     extra={"summary": summary, "beta_schedule": self.config.beta_schedule})
+                     extra={"summary": summary, "beta_schedule": self.config.beta_schedule,
+                            "conditions": trainer.conditions.records()})
         say(f"train: finished at step {trainer.step} ({trainer.skipped_steps} skipped); export at {lc['export_uri']}")
 
     def _flush_tracking(self) -> int:

@@ -77,6 +77,25 @@ def image_adherence(image: Any, caption: str, min_fraction: float = 0.03,
     return {"colour_ok": dominant == colour, "position_ok": position_ok, "dominant": dominant}
 
 
+SHAPE_FILL = {"triangle": 0.5, "circle": float(np.pi / 4), "square": 1.0}
+"""Area / bounding-box area of each shape (the demo's renders measure 0.52-0.57, 0.75-0.81 and 1.0)."""
+
+
+def image_shape(image: Any, max_distance: float = 60.0, min_pixels: int = 8) -> str | None:
+    """The shape of the largest blob of pixels farther than `max_distance` from the background: the one
+    whose fill of its bounding box is nearest; None when no blob has `min_pixels` pixels."""
+    from scipy import ndimage
+
+    pixels = _as_array(image)
+    blobs, count = ndimage.label(np.linalg.norm(pixels - np.array(BACKGROUND), axis=-1) > max_distance)
+    sizes = np.bincount(blobs.ravel())[1:]
+    if not count or sizes.max() < min_pixels:
+        return None
+    ys, xs = np.nonzero(blobs == 1 + int(sizes.argmax()))
+    fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    return min(SHAPE_FILL, key=lambda shape: abs(SHAPE_FILL[shape] - fill))
+
+
 @dataclass
 class AdherenceResult:
     """Shares of images (0..1) that follow their prompt."""

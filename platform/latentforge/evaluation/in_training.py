@@ -130,13 +130,15 @@ class TrainingEvaluator:
             self.eval_set = open_eval_set(source)
 
     def _sampler(self, unet: Any) -> Any:
+        from latentforge.conditioning.spec import ConditionSet
         from latentforge.generation.sampler import Sampler
 
         # Latents and text states follow the UNet's dtype (a bf16 EMA copy samples in bf16).
         return Sampler(unet, self.vae, self.text_encoder, self.scheduler_config, device=self.device,
                        dtype=getattr(unet, "dtype", self.dtype),
                        text_states=self.data_manifest.extra.get("text_states", "real_tokens"),
-                       default_resolution=self.data_manifest.extra.get("resolution"))
+                       default_resolution=self.data_manifest.extra.get("resolution"),
+                       conditions=ConditionSet.from_manifest(self.data_manifest))
 
     @torch.no_grad()
     def evaluate(self, unet: Any, step: int, out_dir: str) -> EvalResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from latentforge.generation.sampler import SAMPLERS, TEXT_STATE_MODES, canonical_sampler
 from latentforge.tracking import TrackingOptions
@@ -31,6 +31,9 @@ class GenerateConfig(TrackingOptions):
     """Base seed: prompt i uses seed + i unless its jsonl line gives one."""
     negative_prompt: str = ""
     """Text for the unconditional branch of classifier-free guidance ('' = the empty caption)."""
+    condition: list[str] = field(default_factory=list)
+    """Class / scalar conditions NAME=VALUE (comma list), e.g. label=circle,score=6.5: checked against the
+    labels / range the model's data recorded; conditions left out are null (docs/conditioning.md)."""
     init_image: str | None = None
     """img2img: the input image (its size is resized to the output size)."""
     strength: float = 0.75
@@ -107,7 +110,8 @@ class GenerateConfig(TrackingOptions):
         """What fixes the pixels of an output; a rerun into the same dir must keep these."""
         return {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance,
                 "negative_prompt": self.negative_prompt, "text_states": self.text_states,
-                "init_image": self.init_image or "", "strength": self.strength if self.init_image else 1.0}
+                "init_image": self.init_image or "", "strength": self.strength if self.init_image else 1.0,
+                **({"condition": ",".join(self.condition)} if self.condition else {})}
 
 
 __all__ = ["GenerateConfig", "SAMPLERS", "DTYPES"]

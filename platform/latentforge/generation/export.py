@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from latentforge import storage
+from latentforge.conditioning.spec import ConditionSet
 from latentforge.manifest import Manifest, ManifestError, read_manifest
 
 EXPORT_URI_TAG = "latentforge.export_uri"
@@ -60,7 +61,8 @@ class ExportedModel:
             text_states = self.data_manifest.extra.get("text_states", "real_tokens")
         unet = unet if unet is not None else self.unet
         return Sampler(unet, vae, text_encoder, self.scheduler_config, device=device, dtype=dtype,
-                       text_states=text_states, default_resolution=self.data_manifest.extra.get("resolution"))
+                       text_states=text_states, default_resolution=self.data_manifest.extra.get("resolution"),
+                       conditions=ConditionSet.from_manifest(self.data_manifest))
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from latentforge.conditioning.embedding import class_labels
+from latentforge.conditioning.spec import ConditionSet
 from latentforge.pixels import to_pixels
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler")
@@ -82,6 +84,8 @@ class SampleParams:
     negative_prompt: str = ""
     height: int | None = None
     width: int | None = None
+    conditions: dict[str, Any] = field(default_factory=dict)
+    """Class / scalar condition values {name: value} (docs/conditioning.md); absent ones are null."""
 
     def __post_init__(self) -> None:
         self.sampler = canonical_sampler(self.sampler)
@@ -129,7 +133,8 @@ class Sampler:
 
     def __init__(self, unet: Any, vae: Any, text_encoder: Any, scheduler_config: dict[str, Any] | None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 text_states: str = "real_tokens", default_resolution: int | None = None) -> None:
+                 text_states: str = "real_tokens", default_resolution: int | None = None,
+                 conditions: ConditionSet | None = None) -> None:
         if text_states not in TEXT_STATE_MODES:
             raise ValueError(f"text_states must be one of {TEXT_STATE_MODES}, got {text_states!r}")
         self.unet = unet
@@ -139,6 +144,7 @@ class Sampler:
         self.device = torch.device(device)
         self.dtype = dtype
         self.text_states = text_states
+        self.conditions = conditions or ConditionSet()
         addition = getattr(unet.config, "addition_embed_type", None)
         if addition not in (None, "text"):
             raise ValueError(f"UNet addition_embed_type {addition!r} is not supported by this sampler")
@@ -230,6 +236,7 @@ class Sampler:
             latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
 
         do_cfg = uncond is not None and params.guidance > 1.0
+        labels = self.class_labels(params.conditions, batch, do_cfg)
         if do_cfg:
             states, mask, pooled = self._pair(uncond, cond)
         else:
@@ -245,18 +252,30 @@ class Sampler:
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             pred = self.unet(model_in, t, encoder_hidden_states=states, encoder_attention_mask=mask,
-                             added_cond_kwargs=added, return_dict=False)[0]
+                             class_labels=labels, added_cond_kwargs=added, return_dict=False)[0]
             if do_cfg:
                 pred_uncond, pred_text = pred.chunk(2)
                 pred = pred_uncond + params.guidance * (pred_text - pred_uncond)
             latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         return latents
 
+    def class_labels(self, values: dict[str, Any], batch: int, do_cfg: bool) -> torch.Tensor | None:
+        """The UNet's class_labels for `batch` images of these condition values; with CFG the
+        unconditional half gets the null condition (guidance on the conditions as on the text)."""
+        if not self.conditions:
+            return None
+        rows = self.conditions.rows([values] * batch)  # (B, N)
+        if do_cfg:
+            rows = torch.cat([self.conditions.rows([{}] * batch), rows])
+        labels = class_labels(self.conditions, rows).to(self.device)
+        return labels if labels.dtype == torch.long else labels.to(self.dtype)
+
     # -- public entry points --------------------------------------------------------------
     def _meta(self, params: SampleParams, cond: TextCondition, i: int, **more: Any) -> dict[str, Any]:
         return {"sampler": params.sampler, "steps": params.steps, "guidance": params.guidance,
                 "negative_prompt": params.negative_prompt, "text_tokens": cond.lengths[i],
-                "truncated": cond.truncated[i], "text_states": self.text_states, **more}
+                "truncated": cond.truncated[i], "text_states": self.text_states,
+                **({"conditions": params.conditions} if params.conditions else {}), **more}
 
     @torch.no_grad()
     def txt2img(self, prompts: Sequence[str], seeds: Sequence[int], params: SampleParams | None = None,

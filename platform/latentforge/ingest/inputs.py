@@ -53,6 +53,7 @@ class InputFile:
     start: int  # global index of this file's first row
     row_groups: list[int] = field(default_factory=list)  # rows per parquet row group / index batch
     index: str | None = None  # text formats: the Arrow IPC copy the shards read
+    columns: list[str] = field(default_factory=list)  # its columns beyond url/caption/hash (kept as metadata)
 
 
 @dataclass
@@ -243,7 +244,7 @@ def _plan_files(uri: str, forced_format: str, needed: list[str], index_dir: str 
         extra += [c for c in columns if c not in needed and c not in extra]
         start = files[-1].start + files[-1].rows if files else 0
         files.append(InputFile(uri=file_uri, format=fmt, rows=sum(groups), start=start, row_groups=groups,
-                               index=index))
+                               index=index, columns=[c for c in columns if c not in needed]))
     return files, extra
 
 

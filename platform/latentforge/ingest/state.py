@@ -138,7 +138,8 @@ def open_state(config: IngestConfig, plan: InputPlan) -> IngestState:
     if removed:
         log.info("removed %d temp file(s) left by an interrupted run", removed)
     resolved = config_to_dict(config)
-    input_info = {"input_rows": plan.total_rows, "files": [{"uri": f.uri, "rows": f.rows} for f in plan.files]}
+    input_info = {"input_rows": plan.total_rows, "files": [{"uri": f.uri, "rows": f.rows, "columns": f.columns}
+                                                       for f in plan.files]}
     if storage.exists(mf.manifest_uri(out)):
         manifest = mf.read_manifest(out, stage="ingest")
         mf.require_same(manifest.config, resolved, SAME_OUTPUT_KEYS, out)

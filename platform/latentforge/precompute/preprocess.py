@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from latentforge import formats, tar_samples
+from latentforge.conditioning.values import SKIP_MISSING_CONDITION, sample_conditions
 
 FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
            "lanczos": Image.Resampling.LANCZOS}
@@ -33,7 +34,8 @@ SKIP_UNDECODABLE = "undecodable_image"
 SKIP_MISSING_IMAGE = "missing_image"
 SKIP_NONFINITE_LATENT = "nonfinite_latent"
 SKIP_NONFINITE_TEXT = "nonfinite_text"
-SKIP_REASONS = (SKIP_EMPTY_CAPTION, SKIP_UNDECODABLE, SKIP_MISSING_IMAGE, SKIP_NONFINITE_LATENT, SKIP_NONFINITE_TEXT)
+SKIP_REASONS = (SKIP_EMPTY_CAPTION, SKIP_UNDECODABLE, SKIP_MISSING_IMAGE, SKIP_NONFINITE_LATENT, SKIP_NONFINITE_TEXT,
+                SKIP_MISSING_CONDITION)
 
 
 def preprocessing_record(resolution: int, resize_filter: str, crop: str, seed: int) -> dict[str, Any]:
@@ -122,12 +124,16 @@ def original_size(meta: dict[str, Any], decoded_size: list[int]) -> list[int]:
 
 
 def preprocess_sample(sample: IngestSample, resolution: int, resize_filter: str, crop: str, seed: int,
-                      keep_empty_captions: bool) -> tuple[str, np.ndarray | None, dict[str, Any]]:
+                      keep_empty_captions: bool, conditions: tuple = ()) -> tuple[str, np.ndarray | None, dict[str, Any]]:
     """(status, uint8 image or None, json record without text_length) for one ingest sample."""
     caption = sample.caption
     record: dict[str, Any] = {"key": sample.key, "caption": caption}
     if not caption.strip() and not keep_empty_captions:
         return SKIP_EMPTY_CAPTION, None, record
+    if conditions:  # the kept metadata columns (latentforge.conditioning.values)
+        record["conditions"] = sample_conditions(sample.meta, conditions)
+        if record["conditions"] is None:
+            return SKIP_MISSING_CONDITION, None, record
     data = sample.image_bytes
     if data is None:
         return SKIP_MISSING_IMAGE, None, record

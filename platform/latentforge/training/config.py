@@ -54,6 +54,9 @@ class TrainConfig(TrackingOptions):
     """Offset-noise strength (0.05-0.1 typical); 0 = off."""
     cfg_dropout: float = 0.1
     """Probability of replacing a caption by the empty caption (classifier-free guidance training)."""
+    condition_dropout: float = 0.1
+    """Probability of replacing all of a sample's class / scalar conditions by the null condition, drawn
+    independently of cfg_dropout (docs/conditioning.md); unused when the data has no conditions."""
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
     """DDPMScheduler beta schedule."""
     num_train_timesteps: int = 1000
@@ -145,8 +148,9 @@ class TrainConfig(TrackingOptions):
                      "max_failures", "eval_num_fid_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.cfg_dropout <= 1:
-            raise ConfigError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
+        for name in ("cfg_dropout", "condition_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.min_lr_ratio <= 1:

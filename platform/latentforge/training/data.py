@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from latentforge import formats, storage, tar_samples
+from latentforge.conditioning.values import MEMBER as CONDITIONS_MEMBER
 from latentforge.manifest import Manifest
 
-TAR_FIELDS = ("latent.npy", "text.npy")
+TAR_FIELDS = ("latent.npy", "text.npy", CONDITIONS_MEMBER)
 
 
 class DataPlanError(ValueError):
@@ -199,7 +200,10 @@ def decode_row(row: dict[str, Any], dtype: str) -> dict[str, Any]:
     """Tar members (bytes) -> float32 tensors: latent (C,h,w) or (2,C,h,w), text (L,D)."""
     latent = formats.storage_to_tensor(formats.decode_npy(row["latent.npy"]), dtype).float()
     text = formats.storage_to_tensor(formats.decode_npy(row["text.npy"]), dtype).float()
-    return {"key": str(row["__key__"]), "latent": latent, "text": text}
+    sample = {"key": str(row["__key__"]), "latent": latent, "text": text}
+    if row.get(CONDITIONS_MEMBER) is not None:  # raw condition values; the trainer maps them to class labels
+        sample["conditions"] = formats.decode_json(row[CONDITIONS_MEMBER])
+    return sample
 
 
 def collate(samples: list[dict[str, Any]], min_length: int = 1) -> dict[str, Any]:
@@ -216,8 +220,11 @@ def collate(samples: list[dict[str, Any]], min_length: int = 1) -> dict[str, Any
         n = s["text"].shape[0]
         text[i, :n] = s["text"]
         mask[i, :n] = 1
-    return {"latents": torch.stack([s["latent"] for s in samples]), "text": text, "mask": mask,
-            "keys": [s["key"] for s in samples]}
+    batch = {"latents": torch.stack([s["latent"] for s in samples]), "text": text, "mask": mask,
+             "keys": [s["key"] for s in samples]}
+    if "conditions" in samples[0]:
+        batch["conditions"] = [s["conditions"] for s in samples]  # B dicts {name: raw value}
+    return batch
 
 
 def read_empty_caption(data_dir: str, manifest: Manifest) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from latentforge.conditioning.embedding import class_labels, condition_dropout
+from latentforge.conditioning.spec import ConditionSet
 from latentforge.diffusion import objective
 from latentforge.models.unet import unet_from_config
 from latentforge.training import checkpoint as ckpt
@@ -81,7 +83,8 @@ def make_adamw(params: Sequence[torch.nn.Parameter], config: TrainConfig, device
 
 class DiffusionTrainer:
     def __init__(self, config: TrainConfig, unet_config: dict[str, Any], accelerator: Any,
-                 empty_text: torch.Tensor, latent_kind: str = "mean", rank: int = 0) -> None:
+                 empty_text: torch.Tensor, latent_kind: str = "mean", rank: int = 0,
+                 conditions: ConditionSet | None = None) -> None:
         from diffusers.training_utils import EMAModel
 
         self.config = config
@@ -90,6 +93,7 @@ class DiffusionTrainer:
         self.device = accelerator.device
         self.rank = rank
         self.latent_kind = latent_kind
+        self.conditions = conditions or ConditionSet()
         self.empty_text = empty_text.to(self.device)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         model = unet_from_config(self.unet_config)
@@ -135,17 +139,29 @@ class DiffusionTrainer:
         p = self.config.cfg_dropout if cfg_dropout is None else cfg_dropout
         if p > 0:
             text, mask, _ = objective.caption_dropout(text, mask, self.empty_text, p, gen)
+        labels = self.class_labels(batch, gen, self.config.condition_dropout if cfg_dropout is None else 0.0)
         noise = objective.sample_noise(latents, gen, self.config.offset_noise)
         timesteps = objective.sample_timesteps(latents.shape[0], self.config.num_train_timesteps, gen)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = objective.training_target(self.noise_scheduler, latents, noise, timesteps)
         with self.accelerator.autocast():
-            pred = model(noisy, timesteps, encoder_hidden_states=text, encoder_attention_mask=mask).sample
+            pred = model(noisy, timesteps, encoder_hidden_states=text, encoder_attention_mask=mask,
+                         class_labels=labels).sample
         weights = None
         if self.config.snr_gamma > 0:
             weights = objective.min_snr_weights(objective.snr(self.noise_scheduler, timesteps),
                                                 self.config.snr_gamma, self.config.prediction_type)
         return objective.weighted_mse(pred, target, weights)
+
+    def class_labels(self, batch: dict[str, Any], gen: torch.Generator, dropout: float) -> torch.Tensor | None:
+        """The UNet's class_labels from the batch's conditions (None without any), a fraction `dropout`
+        of the samples set to the null condition by a draw of its own (independent of caption dropout)."""
+        if not self.conditions:
+            return None
+        rows = self.conditions.rows(batch["conditions"]).to(self.device)  # (B, N)
+        if dropout > 0:
+            rows, _ = condition_dropout(self.conditions, rows, dropout, gen)
+        return class_labels(self.conditions, rows)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self, micro_batches: Sequence[dict[str, Any]]) -> StepResult:
