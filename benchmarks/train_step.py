@@ -64,6 +64,7 @@ def bare_loop(info, args) -> float:
     from diffusers.training_utils import EMAModel
 
     from latentforge.diffusion import objective
+    from latentforge.diffusion.schedulers import make_scheduler
     from latentforge.models.unet import build_unet
 
     acc = Accelerator(cpu=True)
@@ -72,7 +73,7 @@ def bare_loop(info, args) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     model, opt = acc.prepare(model, opt)
     ema = EMAModel(acc.unwrap_model(model).parameters(), decay=0.999)
-    sched = objective.make_scheduler()
+    sched = make_scheduler()
     gen = torch.Generator().manual_seed(0)
     batches = _batches(info, args.batch_size, 8)
     times = []
@@ -211,6 +212,7 @@ def gpu_mfu(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from latentforge.diffusion import objective
+    from latentforge.diffusion.schedulers import make_scheduler
     from latentforge.models.unet import build_unet
 
     if not torch.cuda.is_available():
@@ -220,7 +222,7 @@ def gpu_mfu(args) -> dict:
     torch.manual_seed(0)
     model = build_unet("sd2-base", 4, 1024, 32).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    sched = objective.make_scheduler(prediction_type="v_prediction")
+    sched = make_scheduler(prediction_type="v_prediction")
     b = args.gpu_batch
     gen = torch.Generator(device).manual_seed(0)
     latents = torch.randn(b, 4, 32, 32, device=device)

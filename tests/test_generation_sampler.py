@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from latentforge.diffusion.schedulers import make_scheduler
 from latentforge.generation import SampleParams, load_export
 from latentforge.generation.outputs import (GRID_NAME, INDEX_NAME, contact_sheet, load_prompts, read_png_meta,
                                             save_grid, write_index)
 from latentforge.generation.batch_generation import generate_to_dir
-from latentforge.generation.sampler import make_scheduler
 from tests.harness.tiny_export import build_tiny_export
 
 

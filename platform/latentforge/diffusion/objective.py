@@ -1,4 +1,4 @@
-"""DDPM training objective built on diffusers' `DDPMScheduler`.
+"""DDPM training objective built on diffusers' `DDPMScheduler` (`latentforge.diffusion.schedulers`).
 
 The scheduler owns the forward process (`alphas_cumprod`, `add_noise`, `get_velocity`); this
 module only adds what it lacks: timestep/noise sampling from an explicit generator (so training
@@ -10,30 +10,6 @@ L text tokens, D text width.
 from __future__ import annotations
 
 import torch
-
-BETA_RANGES = {
-    # The SD 1.x / 2.x training schedule and the original DDPM one.
-    "scaled_linear": (0.00085, 0.012),
-    "linear": (0.0001, 0.02),
-    "squaredcos_cap_v2": (0.0001, 0.02),  # betas come from the cosine; start/end unused
-}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def make_scheduler(beta_schedule: str = "scaled_linear", prediction_type: str = "epsilon",
-                   num_train_timesteps: int = 1000):
-    """The noise schedule used for training (and saved with the export for sampling)."""
-    from diffusers import DDPMScheduler
-
-    if beta_schedule not in BETA_RANGES:
-        raise ValueError(f"beta_schedule {beta_schedule!r}: expected one of {sorted(BETA_RANGES)}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
-    beta_start, beta_end = BETA_RANGES[beta_schedule]
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                         beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
-                         clip_sample=False)
-
 
 def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
     """(B,) long, uniform in [0, T)."""

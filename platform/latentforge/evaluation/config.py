@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from latentforge.diffusion.schedulers import canonical_sampler
 from latentforge.evaluation.fid import INCEPTION_SHA256
 from latentforge.generation.config import DTYPES
-from latentforge.generation.sampler import TEXT_STATE_MODES, canonical_sampler
+from latentforge.generation.sampler import TEXT_STATE_MODES
 from latentforge.tracking import TrackingOptions
 
 

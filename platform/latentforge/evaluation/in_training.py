@@ -70,7 +70,7 @@ class InTrainingEvalConfig:
     """Where FID reference statistics are cached (default ~/.cache/latentforge/fid_reference)."""
 
     def __post_init__(self) -> None:
-        from latentforge.generation.sampler import canonical_sampler
+        from latentforge.diffusion.schedulers import canonical_sampler
 
         self.sampler = canonical_sampler(self.sampler)
         if not self.prompts:

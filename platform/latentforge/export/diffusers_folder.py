@@ -5,7 +5,7 @@
 
 ``StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)`` loads it with no custom
 code. The scheduler is the training noise schedule as DDIM (or DPM-Solver++), configured the way
-``latentforge.generation.sampler.make_scheduler`` samples, so both worlds run the same steps.
+``latentforge.diffusion.schedulers.make_scheduler`` samples, so both worlds run the same steps.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def build_pipeline(source: Source, sampler: str = "ddim", encoder: Any = None) -
     from diffusers import StableDiffusionPipeline
 
     from latentforge.export.clip_convert import to_clip_text_model
-    from latentforge.generation.sampler import canonical_sampler, make_scheduler
+    from latentforge.diffusion.schedulers import canonical_sampler, make_scheduler
     from latentforge.models.text_encoder import load_text_encoder_from_manifest
     from latentforge.models.vae import load_vae_from_manifest
 

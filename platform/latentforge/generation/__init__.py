@@ -7,8 +7,7 @@
 """
 
 from latentforge.generation.export import ExportedModel, ExportError, load_export, resolve_export_dir
-from latentforge.generation.sampler import (SAMPLERS, GeneratedImage, SampleParams, Sampler, TextCondition,
-                                            make_scheduler)
+from latentforge.generation.sampler import GeneratedImage, SampleParams, Sampler, TextCondition
 
-__all__ = ["SAMPLERS", "ExportError", "ExportedModel", "GeneratedImage", "SampleParams", "Sampler",
-           "TextCondition", "load_export", "make_scheduler", "resolve_export_dir"]
+__all__ = ["ExportError", "ExportedModel", "GeneratedImage", "SampleParams", "Sampler", "TextCondition",
+           "load_export", "resolve_export_dir"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from latentforge.generation.sampler import SAMPLERS, TEXT_STATE_MODES, canonical_sampler
+from latentforge.diffusion.schedulers import canonical_sampler
+from latentforge.generation.sampler import TEXT_STATE_MODES
 from latentforge.tracking import TrackingOptions
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -114,4 +115,4 @@ class GenerateConfig(TrackingOptions):
                 **({"condition": ",".join(self.condition)} if self.condition else {})}
 
 
-__all__ = ["GenerateConfig", "SAMPLERS", "DTYPES"]
+__all__ = ["GenerateConfig", "DTYPES"]

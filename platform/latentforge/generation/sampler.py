@@ -25,42 +25,10 @@ import torch
 
 from latentforge.conditioning.embedding import class_labels
 from latentforge.conditioning.spec import ConditionSet
+from latentforge.diffusion.schedulers import canonical_sampler, make_scheduler
 from latentforge.pixels import to_pixels
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler")
-SAMPLER_ALIASES = {"dpm": "dpmsolver++", "dpm++": "dpmsolver++", "dpmsolver": "dpmsolver++",
-                   "dpm-solver++": "dpmsolver++", "dpm_solver": "dpmsolver++", "euler_discrete": "euler"}
 TEXT_STATE_MODES = ("real_tokens", "full")
-
-
-def canonical_sampler(name: str) -> str:
-    key = name.strip().lower()
-    key = SAMPLER_ALIASES.get(key, key)
-    if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
-    return key
-
-
-def make_scheduler(name: str, config: dict[str, Any] | None) -> Any:
-    """A fresh diffusers scheduler of kind `name` built from the training noise schedule's config.
-
-    Like `StableDiffusionPipeline.__init__`, `steps_offset` is set to 1 and `clip_sample` off
-    (clipping x0 to [-1, 1] is meant for pixels, not latents). DPM-Solver++ is the multistep
-    second-order solver.
-    """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    cfg = {k: v for k, v in dict(config or {}).items() if not k.startswith("_")}
-    cfg["steps_offset"] = 1
-    cfg["clip_sample"] = False
-    kind = canonical_sampler(name)
-    if kind == "ddpm":
-        return DDPMScheduler.from_config(cfg)
-    if kind == "ddim":
-        return DDIMScheduler.from_config(cfg)
-    if kind == "euler":
-        return EulerDiscreteScheduler.from_config(cfg)
-    return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
 
 
 @dataclass

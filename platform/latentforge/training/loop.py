@@ -23,6 +23,7 @@ import torch
 from latentforge.conditioning.embedding import class_labels, condition_dropout
 from latentforge.conditioning.spec import ConditionSet
 from latentforge.diffusion import objective
+from latentforge.diffusion.schedulers import make_scheduler
 from latentforge.models.unet import unet_from_config
 from latentforge.training import checkpoint as ckpt
 from latentforge.training.config import TrainConfig
@@ -114,8 +115,9 @@ class DiffusionTrainer:
         self.ema = EMAModel(self.raw_model.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
         if self.ema is not None:
             self.ema.to(self.device)
-        self.noise_scheduler = objective.make_scheduler(config.beta_schedule, config.prediction_type,
-                                                        config.num_train_timesteps)
+        self.noise_scheduler = make_scheduler("ddpm", beta_schedule=config.beta_schedule,
+                                              prediction_type=config.prediction_type,
+                                              num_train_timesteps=config.num_train_timesteps)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed * 1_000_003 + 7919 * (rank + 1))
         self.step = 0
