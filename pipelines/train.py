@@ -35,6 +35,7 @@ from latentforge.tracking import StageRun, tracking_uri
 from latentforge.training import data as tdata
 from latentforge.training import run_storage
 from latentforge.training.config import TrainConfig
+from latentforge.upscaler.training import upscaler_unet
 from pipelines.train_worker import train_worker
 
 log = logging.getLogger("latentforge.train")
@@ -67,7 +68,10 @@ def check_data(config: TrainConfig, manifest: Manifest) -> dict[str, Any]:
                           f"{vae['latent_channels']}")
     if manifest.extra.get("latent", "mean") not in ("mean", "mean_std"):
         raise ConfigError(f"{config.data}: unknown latent kind {manifest.extra.get('latent')!r}")
-    unet_config = resolve_unet_config(config.unet, channels, int(text["width"]), sample_size=height)
+    if config.stage == "upscaler":
+        unet_config = upscaler_unet(config, manifest, channels, int(text["width"]), height)
+    else:
+        unet_config = resolve_unet_config(config.unet, channels, int(text["width"]), sample_size=height)
     unet_config = with_conditions(unet_config, ConditionSet.from_manifest(manifest))
     check_latent_size(unet_config, height, width)
     return unet_config

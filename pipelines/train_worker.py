@@ -22,7 +22,8 @@ from latentforge.manifest import Manifest
 from latentforge.tracking import AsyncMetricLogger, StageRun
 from latentforge.training import data as tdata
 from latentforge.training.config import TrainConfig
-from latentforge.training.feeder import BatchFeeder
+from latentforge.training.feeder import BatchFeeder, decode_sample
+from latentforge.upscaler.training import upscaler_setup
 
 log = logging.getLogger("latentforge.train")
 
@@ -180,6 +181,7 @@ class WorkerRun:
         self.trainer = DiffusionTrainer(config, loop_config["unet_config"], self.accelerator, self.empty_text,
                                         self.manifest.extra.get("latent", "mean"), self.rank,
                                         ConditionSet.from_manifest(self.manifest))
+        self.upscaler = upscaler_setup(config, self.manifest) if config.stage == "upscaler" else None
         self.mlflow_run_id = loop_config.get("mlflow_run_id")
         self.trace = _Trace(config.trace_dir, self.rank)
         self.policy = CheckpointPolicy(config.checkpoint_every, config.steps)
@@ -232,7 +234,8 @@ class WorkerRun:
         if self.config.eval_every > 0:
             if self.plan.val_samples:
                 rows = tdata.read_positions(self.config.data, self.plan, self.plan.val_positions())
-                samples = [tdata.decode_row(r, self.dtype) for r in rows]
+                transform = self.upscaler.transform if self.upscaler else None
+                samples = [decode_sample(r, self.dtype, 0, transform) for r in rows]
                 size = self.config.batch_size
                 self.val_batches = [tdata.collate(samples[i:i + size], self.empty_text.shape[0])
                                     for i in range(0, len(samples), size)]
@@ -247,7 +250,8 @@ class WorkerRun:
         return BatchFeeder(ray.train.get_dataset_shard(f"train_rank{self.rank}"), self.plan, self.rank, epoch,
                            position, config.batch_size, self.dtype,
                            self.empty_text.shape[0] if config.cfg_dropout > 0 else 1,
-                           batches=(config.steps - self.trainer.step) * config.grad_accum)
+                           batches=(config.steps - self.trainer.step) * config.grad_accum,
+                           transform=self.upscaler.transform if self.upscaler else None)
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> Any:
@@ -353,9 +357,14 @@ class WorkerRun:
                      lc["data_digest"], self.manifest, lc["config"], trainer.step, self.mlflow_run_id,
                      counts={"steps": trainer.step, "skipped_steps": trainer.skipped_steps,
                              "samples_seen": trainer.samples_seen},
-                     extra={"summary": summary, "beta_schedule": self.config.beta_schedule,
+                     extra={"summary": summary, "upscaler": self._upscaler_record(),
+                            "beta_schedule": self.config.beta_schedule,
                             "conditions": trainer.conditions.records()})
         say(f"train: finished at step {trainer.step} ({trainer.skipped_steps} skipped); export at {lc['export_uri']}")
+
+    def _upscaler_record(self) -> dict[str, Any] | None:
+        """The export's `extra.upscaler` (in-channels, noise-level range, scaling factor, ...); None for a base."""
+        return self.upscaler.record(self.manifest) if self.upscaler is not None else None
 
     def _flush_tracking(self) -> int:
         """Wait for the eval uploads and the queued metrics; returns the metric values MLflow never took."""

@@ -33,7 +33,7 @@ from latentforge import formats, storage, tar_samples
 from latentforge.conditioning.values import MEMBER as CONDITIONS_MEMBER
 from latentforge.manifest import Manifest
 
-TAR_FIELDS = ("latent.npy", "text.npy", CONDITIONS_MEMBER)
+TAR_FIELDS = ("latent.npy", "text.npy", CONDITIONS_MEMBER, formats.PIXELS_MEMBER)
 
 
 class DataPlanError(ValueError):
@@ -224,6 +224,8 @@ def collate(samples: list[dict[str, Any]], min_length: int = 1) -> dict[str, Any
              "keys": [s["key"] for s in samples]}
     if "conditions" in samples[0]:
         batch["conditions"] = [s["conditions"] for s in samples]  # B dicts {name: raw value}
+    if "lowres" in samples[0]:
+        batch["lowres"] = torch.stack([s["lowres"] for s in samples])  # (B, 3, h, w) an upscaler's input
     return batch
 
 

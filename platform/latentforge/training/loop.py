@@ -27,6 +27,7 @@ from latentforge.diffusion.schedulers import make_scheduler
 from latentforge.models.unet import unet_from_config
 from latentforge.training import checkpoint as ckpt
 from latentforge.training.config import TrainConfig
+from latentforge.upscaler.conditioning import TrainingCondition
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class DiffusionTrainer:
                                               num_train_timesteps=config.num_train_timesteps)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed * 1_000_003 + 7919 * (rank + 1))
+        self.image_condition = TrainingCondition(config.max_noise_level) if config.stage == "upscaler" else None
         self.step = 0
         self.skipped_steps = 0
         self.samples_seen = 0
@@ -145,6 +147,8 @@ class DiffusionTrainer:
         noise = objective.sample_noise(latents, gen, self.config.offset_noise)
         timesteps = objective.sample_timesteps(latents.shape[0], self.config.num_train_timesteps, gen)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.image_condition is not None:  # upscaler: + the augmented low-res image, its noise level as label
+            noisy, labels = self.image_condition.model_input(noisy, batch["lowres"], gen)
         target = objective.training_target(self.noise_scheduler, latents, noise, timesteps)
         with self.accelerator.autocast():
             pred = model(noisy, timesteps, encoder_hidden_states=text, encoder_attention_mask=mask,

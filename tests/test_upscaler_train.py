@@ -1,0 +1,93 @@
+"""The upscaler stage in training: low-res pairs through the real feeder, the trainer's image condition,
+the export record, and a trained tiny upscaler against bicubic on held-out demo scenes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from latentforge.config import ConfigError
+from latentforge.models.text_encoder import save_tiny_clip_checkpoint
+from latentforge.training import data as tdata
+from latentforge.training.config import TrainConfig
+from latentforge.training.feeder import BatchFeeder
+from latentforge.upscaler.training import upscaler_setup, upscaler_unet
+from tests.harness.sr_scenes import write_scene_latents
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny UNet gains nothing from threads on a busy 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sr")
+    clip = save_tiny_clip_checkpoint(root / "clip.safetensors")
+    return write_scene_latents(root / "latents", str(clip), count=48, resolution=32, shard_size=24)
+
+
+def upscaler_config(info, **overrides) -> TrainConfig:
+    return TrainConfig(**{"data": str(info.dir), "stage": "upscaler", "lowres_factor": 2, "max_noise_level": 250,
+                          "batch_size": 8, "shuffle_buffer": 16, "ema_decay": 0, "cfg_dropout": 0.0, **overrides})
+
+
+class ShardStream:
+    """What a worker's Ray Data shard gives `BatchFeeder`: rows in file order, epoch after epoch."""
+
+    def __init__(self, info, plan: tdata.DataPlan) -> None:
+        rows = tdata.read_positions(str(info.dir), plan, range(plan.total))
+        self.rows = [{**r, "__url__": f"{info.dir}/{r['__key__'][:5]}.tar"} for r in rows]
+        self.epochs = plan.epochs_per_stream(0)
+
+    def iter_rows(self):
+        return itertools.chain.from_iterable(itertools.repeat(self.rows, self.epochs))
+
+
+def feed(info, config: TrainConfig, plan: tdata.DataPlan, start_step: int, batches: int) -> list[dict]:
+    setup = upscaler_setup(config, info.manifest)
+    epoch, skip = plan.position_of(start_step)
+    feeder = BatchFeeder(ShardStream(info, plan), plan, 0, epoch, skip, config.batch_size,
+                         info.manifest.extra["dtype"], 1, batches, transform=setup.transform)
+    try:
+        return [feeder.get()[1] for _ in range(batches)]
+    finally:
+        feeder.close()
+
+
+def test_lowres_pairs_are_fixed_per_key_and_epoch_so_a_resume_sees_the_same_pairs(scenes) -> None:
+    config = upscaler_config(scenes, lowres_blur=1.5, lowres_jpeg=40)
+    plan = tdata.plan_data(scenes.manifest, 1, config.samples_per_step, config.shuffle_buffer, config.seed)
+    steps = 2 * plan.steps_per_epoch
+    whole = feed(scenes, config, plan, 0, steps)
+    resumed = feed(scenes, config, plan, 3, steps - 3)  # a restart after step 3, mid-epoch
+    for a, b in zip(whole[3:], resumed):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["lowres"], b["lowres"])
+    assert whole[0]["lowres"].shape == (8, 3, 16, 16)  # latent size of 32 px patchify(2) latents
+    first = {k: x for batch in whole[:plan.steps_per_epoch] for k, x in zip(batch["keys"], batch["lowres"])}
+    second = {k: x for batch in whole[plan.steps_per_epoch:] for k, x in zip(batch["keys"], batch["lowres"])}
+    both = sorted(set(first) & set(second))
+    assert both and all(not torch.equal(first[k], second[k]) for k in both)  # fresh degradation per epoch
+    again = feed(scenes, upscaler_config(scenes, lowres_blur=1.5, lowres_jpeg=40, seed=1), plan, 0, 1)
+    assert not torch.equal(again[0]["lowres"], whole[0]["lowres"])  # the seed is part of the draw
+
+
+def test_upscaler_refuses_data_without_pixels_and_a_factor_that_does_not_divide(scenes, tmp_path) -> None:
+    from tests.harness.latent_shards import write_latent_dataset
+
+    plain = write_latent_dataset(tmp_path / "plain", shard_sizes=[8])
+    with pytest.raises(ConfigError, match="--store-pixels"):
+        upscaler_setup(upscaler_config(plain), plain.manifest)
+    with pytest.raises(ConfigError, match="does not divide"):
+        upscaler_setup(upscaler_config(scenes, lowres_factor=3), scenes.manifest)
+    with pytest.raises(ConfigError, match="max_noise_level"):
+        upscaler_config(scenes, max_noise_level=1000)
+    config = upscaler_unet(upscaler_config(scenes), scenes.manifest, 12, 32, 16)
+    assert (config["in_channels"], config["out_channels"], config["num_class_embeds"]) == (15, 12, 251)
