@@ -91,3 +91,26 @@ def test_upscaler_refuses_data_without_pixels_and_a_factor_that_does_not_divide(
         upscaler_config(scenes, max_noise_level=1000)
     config = upscaler_unet(upscaler_config(scenes), scenes.manifest, 12, 32, 16)
     assert (config["in_channels"], config["out_channels"], config["num_class_embeds"]) == (15, 12, 251)
+
+
+def test_job_refuses_bad_upscaler_runs_with_one_line_before_any_worker(scenes, tmp_path, capsys) -> None:
+    import json
+
+    from jobs.train import main
+    from tests.harness.latent_shards import write_latent_dataset
+
+    plain = write_latent_dataset(tmp_path / "plain", shard_sizes=[8])
+    runs = tmp_path / "runs"
+    common = ["--stage", "upscaler", "--lowres-factor", "2", "--storage-path", str(runs), "--no-mlflow"]
+    assert main(["--preset", "tiny", "--data", str(plain.dir), *common]) == 2
+    assert "precompute the data with --store-pixels" in capsys.readouterr().err
+    # a UNet config file made for SD-style 4-channel latents under the scenes' 12-channel autoencoder
+    unet_file = tmp_path / "unet.json"
+    unet_file.write_text(json.dumps({"in_channels": 7, "out_channels": 4, "cross_attention_dim": 32,
+                                     "num_class_embeds": 1000, "block_out_channels": [32, 64],
+                                     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                                     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}))
+    assert main(["--preset", "tiny", "--unet", str(unet_file), "--data", str(scenes.dir), *common]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "in_channels 7" in line]
+    assert len(errors) == 1 and "latents have 12 channels (+ 3 image channels)" in errors[0]
+    assert not runs.exists()  # refused before anything was started or written
