@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from latentforge import storage
-from latentforge.export.target import ExportRefused, Source, atomic_dir, check_out, check_text_states
+from latentforge.export.target import (TEXT_STATES_KEY, ExportRefused, Source, atomic_dir, check_out,
+                                        check_text_states, text_state_convention)
 from latentforge.manifest import Manifest, read_manifest, write_manifest
 
 PIPELINE_SAMPLERS = ("ddim", "dpmsolver++")
@@ -95,7 +96,8 @@ def export_manifest(source: Source, fmt: str, **extra: Any) -> Manifest:
         inputs=[{"uri": storage.join(model.export_dir, "manifest.json"), "sha256": source.digest, "kind": "export"}],
         models=dict(source.data_manifest.models),
         extra={"mlflow_run_id": model.mlflow_run_id, "step": model.step, "data_sha256": source.data_digest,
-               "prediction_type": source.prediction_type, "resolution": source.resolution})
+               "prediction_type": source.prediction_type, "resolution": source.resolution,
+               TEXT_STATES_KEY: text_state_convention(source.data_manifest)})
 
 
 def folder_source_digest(folder: str) -> str | None:

@@ -173,8 +173,10 @@ class Sampler:
     # -- core loop -------------------------------------------------------------------------
     @torch.no_grad()
     def denoise(self, cond: TextCondition, uncond: TextCondition | None, seeds: Sequence[int], params: SampleParams,
-                init_latents: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
-        """Run the scheduler loop; returns final scaled latents (B, C, h, w)."""
+                init_latents: torch.Tensor | None = None, strength: float = 1.0,
+                gens: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Run the scheduler loop; returns final scaled latents (B, C, h, w). `gens`: the seeds' generators
+        when the caller has drawn from them already (img2img's posterior sample)."""
         batch = cond.states.shape[0]
         height = params.height or self.default_resolution
         width = params.width or self.default_resolution
@@ -185,7 +187,7 @@ class Sampler:
         scheduler = make_scheduler(params.sampler, self.scheduler_config)
         scheduler.set_timesteps(params.steps, device=self.device)
         timesteps = scheduler.timesteps
-        gens = generators(seeds)
+        gens = gens or generators(seeds)
         from diffusers.utils.torch_utils import randn_tensor
 
         if init_latents is None:
@@ -263,6 +265,15 @@ class Sampler:
                        for i, (p, s, a) in enumerate(zip(chunk, chunk_seeds, arrays)))
         return out
 
+    def start_latents(self, pixels: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """img2img's start latents (B, C, h, w), one per generator, as StableDiffusionImg2ImgPipeline makes
+        them: an AutoencoderKL's posterior is sampled with the image's own generator, which then draws
+        the noise (the same draws give the same images); deterministic encoders draw nothing."""
+        pixels = pixels.to(self.device, self.dtype)
+        if self.vae.spec.type != "autoencoder_kl":
+            return self.vae.encode(pixels, mode="mean").repeat(len(gens), 1, 1, 1)
+        return torch.cat([self.vae.encode(pixels, mode="sample", generator=g) for g in gens])
+
     @torch.no_grad()
     def img2img(self, image: Any, prompts: Sequence[str], seeds: Sequence[int], strength: float,
                 params: SampleParams | None = None, batch_size: int = 4) -> list[GeneratedImage]:
@@ -286,9 +297,11 @@ class Sampler:
             if strength <= 0.0:
                 arrays = pixels_to_arrays(pixels.repeat(len(chunk), 1, 1, 1))
             else:
-                init = self.vae.encode(pixels.to(self.device, self.dtype), mode="mean").repeat(len(chunk), 1, 1, 1)
+                gens = generators(chunk_seeds)
+                init = self.start_latents(pixels, gens)
                 uncond = self.encode_text([params.negative_prompt] * len(chunk)) if params.guidance > 1.0 else None
-                latents = self.denoise(cond, uncond, chunk_seeds, params, init_latents=init, strength=strength)
+                latents = self.denoise(cond, uncond, chunk_seeds, params, init_latents=init, strength=strength,
+                                       gens=gens)
                 arrays = pixels_to_arrays(self.vae.decode(latents).float())
             out.extend(GeneratedImage(p, int(s), a, self._meta(params, cond, i, strength=strength))
                        for i, (p, s, a) in enumerate(zip(chunk, chunk_seeds, arrays)))
