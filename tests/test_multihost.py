@@ -14,12 +14,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.harness.netns_cluster import DASHBOARD_PORT, NetnsCluster, unavailable_reason
+from tests.harness.netns_cluster import DASHBOARD_PORT, Host, NetnsCluster, unavailable_reason
 from tests.harness.ray_head import VENV_BIN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,6 +104,12 @@ def wait_until(condition, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
+def add_replacement_host(cluster: NetnsCluster) -> Host:
+    """A new 2-CPU worker host with the next free name and address (head .1, hostK .K+1)."""
+    index = len(cluster.hosts) + 1
+    return cluster.add_host(f"host{index - 1}", index, num_cpus=2)
+
+
 def test_ray_sees_three_hosts_with_their_own_addresses(cluster) -> None:
     expected = sorted(h.address for h in cluster.hosts.values())
     assert len(set(expected)) == 3
@@ -178,9 +185,9 @@ def test_storage_that_is_not_shared_is_refused_before_training(cluster) -> None:
         assert not list((cluster.host_dir(host) / "local").rglob("trace"))  # no worker ever started
 
 
-def precompute_args(cluster: NetnsCluster, out: Path, concurrency: int) -> list[str]:
+def precompute_args(cluster: NetnsCluster, out: Path, concurrency: int, ingest: Path | None = None) -> list[str]:
     shared = cluster.shared
-    return [str(REPO / "jobs" / "precompute_latents.py"), "--preset", "tiny", "--input", str(shared / "ingest"),
+    return [str(REPO / "jobs" / "precompute_latents.py"), "--preset", "tiny", "--input", str(ingest or shared / "ingest"),
             "--output", str(out), "--vae-type", "autoencoder_kl", "--vae", str(shared / "kl"),
             "--text-encoder-weights", str(shared / "clip.safetensors"), "--text-layer", "penultimate",
             "--latent", "mean_std", "--dtype", "fp32", "--batch-size", "4", "--no-progress", "--concurrency", str(concurrency)]
@@ -192,39 +199,92 @@ def tar_hashes(out: Path) -> dict[str, str]:
     return {p.name: storage.sha256_file(str(p)) for p in sorted(out.glob("*.tar"))}
 
 
+def precompute_on_one_host(cluster: NetnsCluster, out: Path, ingest: Path | None = None) -> subprocess.Popen:
+    """Start the same precompute on an embedded Ray in the root namespace (the reference)."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out.parent / 'mlflow.db'}", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "platform")]))
+    env.pop("RAY_ADDRESS", None)
+    # One encoder actor: with two, the embedded Ray's 2 CPUs leave none for the shard reads.
+    return subprocess.Popen([sys.executable, *precompute_args(cluster, out, 1, ingest)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def succeeded(job: subprocess.Popen) -> str:
+    """The output of a job that must exit 0."""
+    output, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, output[-6000:]
+    return output
+
+
 def test_precompute_across_hosts_is_byte_identical_to_one_host(cluster, tmp_path) -> None:
     proc = submit(cluster, precompute_args(cluster, cluster.shared / "latents-multi", 2))
     assert proc.returncode == 0, proc.stdout[-6000:]
     print_rate("precompute, 2 worker hosts", proc.stdout)
     for host in ("host1", "host2"):  # an encoder actor on each worker host
         assert "MapWorker(MapBatches(EncoderActor))" in cluster.actors_on(host), host
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "platform")]))
-    env.pop("RAY_ADDRESS", None)
-    # One encoder actor: with two, the embedded Ray's 2 CPUs leave none for the shard reads.
-    single = subprocess.run([sys.executable, *precompute_args(cluster, tmp_path / "latents", 1)], env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
-    print_rate("precompute, one host (embedded Ray)", single.stdout)
+    print_rate("precompute, one host (embedded Ray)", succeeded(precompute_on_one_host(cluster, tmp_path / "latents")))
     multi = tar_hashes(cluster.shared / "latents-multi")
     assert len(multi) == 2 and multi == tar_hashes(tmp_path / "latents")
 
 
+def stored_keys(out: Path) -> list[str]:
+    """The sample keys in the output tars, one entry per stored latent (a duplicate appears twice)."""
+    keys = []
+    for path in sorted(out.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            keys += [m.name.removesuffix(".latent.npy") for m in tar.getmembers() if m.name.endswith(".latent.npy")]
+    return keys
+
+
+LOST_SHARDS = 16
+"""Of 40 samples each. Once the encoder actors are up, the tiny models encode a shard in about 0.2 s (measured
+under load): the publishing of all shards spans a few seconds, the window in which the host is killed."""
+
+
+def test_a_host_lost_mid_precompute_ends_with_the_exact_keys_and_tars(cluster, tmp_path) -> None:
+    """host1 crashes (every process SIGKILLed) once some shards are published, not all; a new host joins."""
+    from tests.harness.ingest_shards import write_ingest_shards
+
+    ingest = write_ingest_shards(cluster.shared / "ingest-lost", shard_sizes=(40,) * LOST_SHARDS)
+    out = cluster.shared / "latents-lost"
+    job = cluster.popen("head", submit_command(cluster, precompute_args(cluster, out, 2, ingest.dir)),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = precompute_on_one_host(cluster, tmp_path / "latents", ingest.dir)  # meanwhile: the test waits anyway
+    wait_until(lambda: list(out.glob("*.tar")), 600)
+    killed = time.monotonic()
+    cluster.kill_host("host1")
+    published_at_kill = len(list(out.glob("*.tar")))
+    assert published_at_kill < LOST_SHARDS  # provably mid-way: the rest is lost work to redo
+    assert "MapWorker(MapBatches(EncoderActor))" in cluster.actors_on("host1")  # an encoder died with it
+    add_replacement_host(cluster)
+    wait_until(lambda: len(list(out.glob("*.tar"))) > published_at_kill, 600)
+    next_shard_s = time.monotonic() - killed
+    succeeded(job)
+    print(f"multihost: precompute, host lost after {published_at_kill}/{LOST_SHARDS} shards: next shard "
+          f"published {next_shard_s:.1f} s after the kill, job done after {time.monotonic() - killed:.1f} s")
+    keys = stored_keys(out)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(ingest.good)  # no loss, no duplicate
+    succeeded(reference)
+    lost = tar_hashes(out)
+    assert len(lost) == LOST_SHARDS and lost == tar_hashes(tmp_path / "latents")
+    cluster.wait_for_nodes(3, 300)  # the head and two worker hosts again, for the tests after this one
+
+
 def test_a_lost_host_is_replaced_and_training_resumes_exactly(cluster, spread_run) -> None:
-    """host2 crashes (every process SIGKILLed) after step 3; host3 joins; the run resumes from a checkpoint."""
+    """host2 crashes (every process SIGKILLed) after step 3; a new host joins; the run resumes from a checkpoint."""
     trace = cluster.shared / "runs" / "trace" / "lost"
     job = cluster.popen("head", submit_command(cluster, cluster_train_args(cluster, "lost", "--max-failures", "3")),
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_until(lambda: any(e["event"] == "step" and e["step"] >= 3 for e in trace_events(trace, 0)), 900)
     killed = time.monotonic()
     cluster.kill_host("host2")
-    cluster.add_host("host3", 4, num_cpus=2)
+    replacement = add_replacement_host(cluster)
     wait_until(lambda: [e["event"] for e in trace_events(trace, 0)][-2:] == ["start", "step"], 900)
     recovery_s = time.monotonic() - killed
     output, _ = job.communicate(timeout=900)
     assert job.returncode == 0, output[-6000:]
     print(f"multihost: recovery after a host loss (kill -> first new step): {recovery_s:.1f} s")
-    assert cluster.hosts["host3"].address in pinned_interfaces(output)  # the restarted group uses the new host
+    assert replacement.address in pinned_interfaces(output)  # the restarted group uses the new host
     for rank in (0, 1):
         events = trace_events(trace, rank)
         starts = [i for i, e in enumerate(events) if e["event"] == "start"]
@@ -269,7 +329,7 @@ def test_a_partitioned_host_is_detected_and_the_group_restarts_elsewhere(cluster
     wait_until(lambda: any(e["event"] == "step" and e["step"] >= 3 for e in trace_events(trace, 0)), 900)
     cut = time.monotonic()
     cluster.set_link(host, up=False)
-    cluster.add_host("host4", 5, num_cpus=2)
+    add_replacement_host(cluster)
     wait_until(lambda: address not in cluster.alive_nodes(), 300)
     detected_s = time.monotonic() - cut
     wait_until(lambda: starts_per_rank(trace) == [2, 2], 900)
