@@ -2,17 +2,20 @@
 
     python jobs/demo.py                       # jobs/configs/demo/default.yaml
     python jobs/demo.py --preset smoke        # a tiny run (tests)
+    python jobs/demo.py --vae-type patchify   # the weight-free pixel_unshuffle VAE instead of training one
     python jobs/demo.py --vae-type autoencoder_kl --vae stabilityai/sd-vae-ft-mse \
         --text-encoder ViT-B-32 --text-encoder-weights laion2b_s34b_b79k --resolution 64   # real models
 
 1. builds captioned scenes ("a red circle on the left", ...) and serves them from a loopback
    HTTP server, with a few broken URLs mixed in;
-2. runs ingest -> precompute -> train -> generate through the same `main(argv)` entry points a
-   user submits with `ray job submit`, all on one embedded Ray, all runs grouped under one MLflow
-   pipeline run (LATENTFORGE_PIPELINE_RUN_ID);
+2. runs ingest -> train_autoencoder -> precompute -> train (+ its diffusers export) -> generate
+   through the same `main(argv)` entry points a user submits with `ray job submit`, all on one
+   embedded Ray, all runs grouped under one MLflow pipeline run (LATENTFORGE_PIPELINE_RUN_ID);
+   the autoencoder of an earlier run on the same scenes and settings is reused;
 3. measures prompt adherence (does the requested colour dominate, and sit where the caption
    says?) of the trained model against the same architecture at initialisation (step 0), and
-   prints where everything is.
+   prints where everything is, the autoencoder's held-out PSNR and the line that loads the
+   model in diffusers.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,15 +40,25 @@ except ImportError:  # imported as jobs.demo (tests)
 import pipelines  # noqa: F401  (platform/ on sys.path when latentforge is not installed)
 from latentforge.config import ConfigError, config_to_dict, parse_config
 from latentforge.demo.config import DemoConfig
+from latentforge.demo.report import AUTOENCODER_RUN, TRAIN_RUN, summary_text
+from latentforge.demo.report import DemoPaths as Paths
 
 JOBS_DIR = Path(__file__).resolve().parent
+SETTINGS_NAME = "demo_settings.json"  # beside the demo autoencoder's run: what it was trained from
 log = logging.getLogger("demo")
 
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, code: int) -> None:
-        super().__init__(f"{stage} exited with code {code}")
+        super().__init__(f"stage {stage} exited with code {code}; its message is above. "
+                         f"Rerun `make demo` after fixing it.")
         self.stage, self.code = stage, code
+
+
+@dataclass
+class DemoResult:
+    values: dict[str, Any]
+    summary: str
 
 
 def load_job(name: str) -> Callable[[list[str]], int]:
@@ -70,23 +85,10 @@ def run_stage(name: str, argv: list[str], timings: dict[str, float]) -> None:
     except SystemExit as exc:  # a job's argparse error (2) or an explicit sys.exit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     timings[name] = timings.get(name, 0.0) + time.monotonic() - started
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the stage was stopped: so is the demo
+        raise KeyboardInterrupt(code - 128)
     if code != 0:
         raise StageFailed(name, code)
-
-
-class Paths:
-    def __init__(self, out: str) -> None:
-        root = Path(out).resolve()
-        self.root = root
-        self.scenes = root / "scenes"
-        self.urls = root / "urls.parquet"
-        self.models = root / "models"
-        self.shards = root / "shards"
-        self.latents = root / "latents"
-        self.checkpoints = root / "checkpoints"
-        self.samples = root / "samples"
-        self.prompts = root / "adherence_prompts.txt"
-        self.summary = root / "summary.json"
 
 
 def prepare_data(config: DemoConfig, paths: Paths) -> list[Any]:
@@ -109,32 +111,54 @@ def text_encoder_weights(config: DemoConfig, paths: Paths) -> str | None:
     return config.text_encoder_weights
 
 
-def stage_argv(config: DemoConfig, paths: Paths, clip_weights: str | None) -> dict[str, list[str]]:
-    """The command line of every stage: exactly what a user would type (see README)."""
+def ingest_argv(config: DemoConfig, paths: Paths) -> list[str]:
+    return ["--input", str(paths.urls), "--output", str(paths.shards), "--url-col", "url",
+            "--caption-col", "caption", "--samples-per-shard", str(config.samples_per_shard),
+            "--image-size", str(config.image_size), "--resize-mode", "no", "--encode-format", "png",
+            "--encode-quality", "1", "--retries", "0", "--timeout-s", "10", "--allow-private-network",
+            "--no-progress", "--run-name", "demo-ingest"]
+
+
+def autoencoder_argv(config: DemoConfig, paths: Paths) -> list[str]:
+    """The demo's own AutoencoderKL at the training resolution (jobs/configs/train_autoencoder/<preset>.yaml)."""
+    steps = ["--steps", str(config.autoencoder_steps)] if config.autoencoder_steps else []
+    return ["--preset", config.autoencoder_preset, "--data", str(paths.shards), "--resolution", str(config.resolution),
+            *steps, "--seed", str(config.seed), "--storage-path", str(paths.autoencoder), "--run-name", AUTOENCODER_RUN]
+
+
+def precompute_argv(config: DemoConfig, paths: Paths, clip_weights: str | None) -> list[str]:
+    if config.vae_type == "patchify":
+        vae = ["--vae-type", "patchify"]
+    else:
+        vae = ["--vae-type", config.vae_type, "--vae", config.vae or str(paths.autoencoder_export)]
+    weights = ["--text-encoder-weights", clip_weights] if clip_weights else []
+    return ["--preset", "tiny", "--input", str(paths.shards), "--output", str(paths.latents), *vae,
+            "--text-encoder", config.text_encoder, *weights, "--text-layer", config.text_layer,
+            "--text-states", config.text_states, "--resolution", str(config.resolution), "--no-progress",
+            "--run-name", "demo-precompute"]
+
+
+def train_argv(config: DemoConfig, paths: Paths) -> list[str]:
     from latentforge.demo.scenes import eval_prompts
 
-    ingest = ["--input", str(paths.urls), "--output", str(paths.shards), "--url-col", "url",
-              "--caption-col", "caption", "--samples-per-shard", str(config.samples_per_shard),
-              "--image-size", str(config.image_size), "--resize-mode", "no", "--encode-format", "png",
-              "--encode-quality", "1",
-              "--retries", "0", "--timeout-s", "10", "--allow-private-network", "--no-progress",
-              "--run-name", "demo-ingest"]
-    vae = (["--vae-type", "patchify"] if config.vae_type == "patchify"
-           else ["--vae-type", config.vae_type, "--vae", config.vae])
-    precompute = ["--preset", "tiny", "--input", str(paths.shards), "--output", str(paths.latents), *vae,
-                  "--text-encoder", config.text_encoder, "--text-layer", config.text_layer,
-                  "--resolution", str(config.resolution), "--no-progress", "--run-name", "demo-precompute"]
-    if clip_weights:
-        precompute += ["--text-encoder-weights", clip_weights]
     every_pair = eval_prompts(24)  # colour i % 6, position (i // 6) % 4
     eval_set = [every_pair[i] for i in (0, 7, 14, 21, 4, 11)]  # 6 colours, every position
-    train = ["--preset", "tiny", "--data", str(paths.latents), "--unet", config.unet_preset, "--steps", str(config.steps),
-             "--batch-size", str(config.batch_size), "--lr", str(config.lr), "--num-workers", str(config.num_workers),
-             "--storage-path", str(paths.checkpoints), "--run-name", "demo-train", "--seed", str(config.seed),
-             "--checkpoint-every", str(config.checkpoint_every), "--eval-every", str(config.eval_every),
-             "--eval-prompts", ",".join(eval_set), "--eval-steps", "20", "--val-samples", "64"]
-    return {stage: args + tracking_flags(config)
-            for stage, args in (("download_images", ingest), ("precompute_latents", precompute), ("train", train))}
+    export = ["--export-formats", "diffusers"] if config.exports_to_diffusers else []
+    return ["--preset", "tiny", "--data", str(paths.latents), "--unet", config.unet_preset, "--steps", str(config.steps),
+            "--batch-size", str(config.batch_size), "--lr", str(config.lr), "--num-workers", str(config.num_workers),
+            "--storage-path", str(paths.checkpoints), "--run-name", TRAIN_RUN, "--seed", str(config.seed),
+            "--checkpoint-every", str(config.checkpoint_every), "--eval-every", str(config.eval_every),
+            "--eval-prompts", ",".join(eval_set), "--eval-steps", "20", "--val-samples", "64", *export]
+
+
+def stage_argv(config: DemoConfig, paths: Paths, clip_weights: str | None) -> dict[str, list[str]]:
+    """The command line of every stage, in run order: exactly what a user would type (see README)."""
+    stages = {"download_images": ingest_argv(config, paths)}
+    if config.trains_autoencoder:
+        stages["train_autoencoder"] = autoencoder_argv(config, paths)
+    stages["precompute_latents"] = precompute_argv(config, paths, clip_weights)
+    stages["train"] = train_argv(config, paths)
+    return {stage: args + tracking_flags(config) for stage, args in stages.items()}
 
 
 def tracking_flags(config: DemoConfig) -> list[str]:
@@ -146,40 +170,6 @@ def generate_argv(config: DemoConfig, model: str, prompts: Path, out: Path, run_
             "--sampler", config.sampler, "--steps", str(config.sample_steps), "--guidance", str(config.guidance),
             "--seed", str(config.seed), "--batch-size", "16", "--no-progress", "--run-name", run_name,
             *tracking_flags(config)]
-
-
-def write_untrained_export(trained_export: Path, out: Path, preset: str, seed: int) -> Path:
-    """The same architecture at initialisation (step 0), in the export layout `generate` loads.
-
-    Scheduler and data manifest are copied from the trained export; the UNet is `build_unet`'s
-    freshly initialised one, so the two models differ only by training.
-    """
-    import torch
-
-    from latentforge import storage
-    from latentforge.models.unet import build_unet
-
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for item in ("scheduler", "data_manifest.json", "manifest.json"):
-        src = trained_export / item
-        if src.is_dir():
-            shutil.copytree(src, out / item)
-        elif src.exists():
-            shutil.copy2(src, out / item)
-    data = json.loads((trained_export / "data_manifest.json").read_text())
-    latent_channels = int(data["models"]["vae"]["latent_channels"])
-    width = int(data["models"]["text_encoder"]["width"])
-    torch.manual_seed(seed)
-    build_unet(preset, latent_channels, width).save_pretrained(out / "unet")
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        extra = manifest.setdefault("extra", {})
-        extra.update(step=0, mlflow_run_id=None, untrained=True)
-        storage.atomic_write_json(str(manifest_path), manifest)
-    return out
 
 
 def measure_adherence(samples_dir: Path) -> Any:
@@ -197,11 +187,47 @@ def measure_adherence(samples_dir: Path) -> Any:
     return score_images(pairs())
 
 
-def find_export(paths: Paths, run_name: str) -> Path:
-    export = paths.checkpoints / run_name / "export"
-    if not (export / "unet").is_dir():
-        raise FileNotFoundError(f"training finished but left no export in {export}")
-    return export
+def find_export(paths: Paths) -> Path:
+    if not (paths.export / "unet").is_dir():
+        raise FileNotFoundError(f"training finished but left no export in {paths.export}")
+    return paths.export
+
+
+def autoencoder_settings(config: DemoConfig, argv: list[str]) -> dict[str, Any]:
+    """What decides the demo autoencoder's weights: the generated scenes and its stage's command line."""
+    scenes = {name: getattr(config, name) for name in ("rows", "seed", "image_size", "broken_every",
+                                                       "samples_per_shard")}
+    return {"scenes": scenes, "argv": [arg for arg in argv if arg != "--no-mlflow"]}
+
+
+def _finished_with(paths: Paths, settings: dict[str, Any]) -> bool:
+    from latentforge.manifest import ManifestError, read_manifest
+
+    try:
+        read_manifest(str(paths.autoencoder_export), stage="autoencoder")  # written last: the export is whole
+        return json.loads((paths.autoencoder / SETTINGS_NAME).read_text()) == settings
+    except (OSError, ValueError, ManifestError):
+        return False
+
+
+def train_or_reuse_autoencoder(config: DemoConfig, paths: Paths, argv: list[str],
+                               timings: dict[str, float]) -> dict[str, Any]:
+    """Run the autoencoder stage, unless an earlier demo left a finished one of the same scenes and settings."""
+    from latentforge import storage
+    from latentforge.manifest import read_manifest
+
+    settings = autoencoder_settings(config, argv)
+    reused = _finished_with(paths, settings)
+    if reused:
+        print(f"demo: reusing the autoencoder in {paths.autoencoder_export} (same scenes and settings)", flush=True)
+    else:
+        shutil.rmtree(paths.autoencoder, ignore_errors=True)  # another run's state would be resumed or refused
+        run_stage("train_autoencoder", argv, timings)
+        storage.atomic_write_json(str(paths.autoencoder / SETTINGS_NAME), settings)
+    export = read_manifest(str(paths.autoencoder_export), stage="autoencoder")
+    metrics = export.extra.get("metrics", {})
+    return {"export": str(paths.autoencoder_export), "psnr": float(metrics.get("psnr", float("nan"))),
+            "ssim": float(metrics.get("ssim", float("nan"))), "step": int(export.extra["step"]), "reused": reused}
 
 
 def training_run_id(export: Path) -> str | None:
@@ -216,48 +242,6 @@ def trained_step(export: Path, default: int) -> int:
         return int(json.loads((export / "manifest.json").read_text()).get("extra", {}).get("step", default))
     except (OSError, ValueError, TypeError):
         return default
-
-
-def summary_text(config: DemoConfig, paths: Paths, result: dict[str, Any]) -> str:
-    from latentforge.reporting import summary_table
-
-    before, after = result["adherence"]["untrained"], result["adherence"]["trained"]
-    tracking = result["tracking_uri"]
-    if tracking is None:
-        open_cmd, url = "off (--no-mlflow)", "-"
-    elif tracking.startswith("sqlite:///"):
-        open_cmd = f"make mlflow   (or: mlflow server --host 127.0.0.1 --port {config.ui_port} " \
-                   f"--backend-store-uri {tracking})"
-        url = f"http://127.0.0.1:{config.ui_port}"
-    else:
-        open_cmd, url = "(the server you configured with MLFLOW_TRACKING_URI)", tracking
-    run_url = train_url = url
-    if result.get("experiment_id") and result.get("pipeline_run_id"):
-        run_url = f"{url}/#/experiments/{result['experiment_id']}/runs/{result['pipeline_run_id']}"
-        if result.get("training_run_id"):
-            train_url = f"{url}/#/experiments/{result['experiment_id']}/runs/{result['training_run_id']}/model-metrics"
-    rows = [
-        ("scenes + URL list", f"{paths.scenes}  ({config.rows} rows, {result['broken_urls']} broken URLs)"),
-        ("shards (ingest)", f"{paths.shards}  ({result['ingested']} images)"),
-        ("latents (precompute)", f"{paths.latents}  ({result['latents']} samples)"),
-        ("checkpoint + export", str(result["export"])),
-        ("samples (trained)", f"{paths.samples / 'trained'}  (grid.png, index.jsonl)"),
-        ("samples (untrained)", f"{paths.samples / 'untrained'}"),
-        ("MLflow", open_cmd),
-        ("MLflow pipeline run", run_url),
-        ("MLflow training run", train_url),
-        ("adherence: colour", f"{before['colour']:.0%} untrained -> {after['colour']:.0%} trained "
-                              f"(chance {after['chance_colour']:.0%})"),
-        ("adherence: position", f"{before['position']:.0%} untrained -> {after['position']:.0%} trained"),
-        ("adherence: both", f"{before['both']:.0%} untrained -> {after['both']:.0%} trained"),
-        ("wall time", f"{result['seconds']:.0f} s  ({', '.join(f'{k} {v:.0f} s' for k, v in result['timings'].items())})"),
-    ]
-    text = summary_table("LatentForge demo", rows)
-    verdict = ("The trained model follows its prompts measurably better than the untrained one."
-               if after["colour"] > before["colour"] else
-               "The trained model did NOT beat the untrained one on colour adherence; train longer (--steps).")
-    return (f"{text}\n{verdict}\nAdherence: share of {after['n']} generated images whose requested colour "
-            f"dominates (and sits where the caption says), measured with latentforge.demo.adherence.")
 
 
 def demo_paths(config: DemoConfig) -> Paths:
@@ -296,10 +280,24 @@ def chart_in_training_run(train_run: str, export: Path, adherence: dict[str, Any
             tracking.log_artifact_to_run(train_run, str(grid), f"adherence/{name}")
 
 
-def run(config: DemoConfig) -> dict[str, Any]:
+def run_stages(config: DemoConfig, paths: Paths, clip_weights: str | None,
+               timings: dict[str, float]) -> dict[str, Any] | None:
+    """ingest -> (the demo's autoencoder) -> precompute -> train; returns the autoencoder's record."""
+    argv = stage_argv(config, paths, clip_weights)
+    autoencoder = None
+    for stage, stage_args in argv.items():
+        if stage == "train_autoencoder":
+            autoencoder = train_or_reuse_autoencoder(config, paths, stage_args, timings)
+        else:
+            run_stage(stage, stage_args, timings)
+    return autoencoder
+
+
+def run(config: DemoConfig) -> DemoResult:
     from latentforge import tracking
     from latentforge.demo.server import DemoImageServer, url_rows, write_url_list
     from latentforge.demo.scenes import eval_prompts
+    from latentforge.demo.untrained import write_untrained_export
     from latentforge.manifest import read_manifest
     from pipelines.runtime import init_ray
 
@@ -325,10 +323,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
             # environment so Ray workers (the training loop) inherit it.
             where = init_ray(num_cpus=config.num_cpus)
             print(f"demo: stages run on {where}; MLflow: {uri or 'off (--no-mlflow)'}", flush=True)
-            argv = stage_argv(config, paths, clip_weights)
-            for stage in ("download_images", "precompute_latents", "train"):
-                run_stage(stage, argv[stage], timings)
-            export = find_export(paths, "demo-train")
+            autoencoder = run_stages(config, paths, clip_weights, timings)
+            export = find_export(paths)
             untrained = write_untrained_export(export, paths.checkpoints / "untrained" / "export",
                                                config.unet_preset, config.seed)
             adherence = sample_and_score(config, paths, pipeline, {"untrained": untrained, "trained": export},
@@ -343,8 +339,10 @@ def run(config: DemoConfig) -> dict[str, Any]:
                 "tracking_uri": uri,
                 "broken_urls": broken,
                 "ingested": read_manifest(str(paths.shards)).total_samples,
+                "autoencoder": autoencoder,
                 "latents": read_manifest(str(paths.latents)).total_samples,
                 "export": str(export),
+                "diffusers": str(paths.diffusers) if (paths.diffusers / "model_index.json").is_file() else None,
                 "untrained_export": str(untrained),
                 "adherence": {k: vars(v) for k, v in adherence.items()},
                 "timings": timings,
@@ -352,7 +350,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
             }
             pipeline.stage_run.log_metrics({"demo_seconds": result["seconds"]})
     paths.summary.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return result
+    return DemoResult(result, "\n" + summary_text(config, paths, result))
 
 
 def _experiment_id(pipeline: Any) -> str | None:
@@ -374,21 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
-    try:
-        result = run(config)
-    except StageFailed as exc:
-        print(f"demo: stage {exc.stage} failed (exit {exc.code}); its message is above. "
-              f"Rerun `make demo` after fixing it.", file=sys.stderr)
-        return 1 if exc.code not in (130, 143) else exc.code
-    except KeyboardInterrupt:
-        print("demo: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - set-up failures (Ray start, disk): one clear line, exit 1
-        logging.getLogger("demo").debug("failure", exc_info=True)
-        print(f"demo: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print("\n" + summary_text(config, Paths(config.out), result), flush=True)
-    return 0
+    # The jobs' one exit-code contract: 0, 1 (a stage or the set-up failed), 2, 128+signal; a stage
+    # stopped by SIGINT/SIGTERM stops the demo with the same code (run_stage).
+    return _bootstrap.run_job("demo", lambda: run(config), usage_errors=(ConfigError,),
+                              interrupted="interrupted; the next `make demo` starts afresh")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,29 @@ def test_real_model_ids_flow_into_the_precompute_command_line(tmp_path) -> None:
     assert (config.text_encoder, config.text_encoder_weights) == ("ViT-B-32", "laion2b_s34b_b79k")
 
 
-def test_default_demo_uses_the_weight_free_models(tmp_path) -> None:
-    demo = parse_config(DemoConfig, ["--out", str(tmp_path)])
+def _parsed_stages(tmp_path, *flags: str) -> dict:
+    from latentforge.autoencoder.config import AutoencoderTrainConfig
+    from latentforge.training.config import TrainConfig
+
+    demo = parse_config(DemoConfig, ["--out", str(tmp_path), *flags], preset_dir=_bootstrap.PRESETS / "demo")
     argv = stage_argv(demo, Paths(demo.out), clip_weights=str(tmp_path / "lf-tiny-clip.safetensors"))
-    config = parse_config(PrecomputeConfig, argv["precompute_latents"], preset_dir=_bootstrap.PRESETS / "precompute")
-    assert config.vae_type == "patchify" and config.text_encoder == "lf-tiny-clip"
+    configs = {"precompute_latents": (PrecomputeConfig, "precompute"), "train": (TrainConfig, "train"),
+               "train_autoencoder": (AutoencoderTrainConfig, "train_autoencoder")}
+    return {stage: parse_config(configs[stage][0], args, preset_dir=_bootstrap.PRESETS / configs[stage][1])
+            for stage, args in argv.items() if stage in configs}
+
+
+def test_default_demo_trains_its_autoencoder_and_exports_to_diffusers(tmp_path) -> None:
+    stages = _parsed_stages(tmp_path)
+    autoencoder, precompute, train = stages["train_autoencoder"], stages["precompute_latents"], stages["train"]
+    assert list(stages) == ["train_autoencoder", "precompute_latents", "train"]  # in run order
+    assert autoencoder.data == str(Paths(str(tmp_path)).shards) and autoencoder.resolution == precompute.resolution
+    assert (precompute.vae_type, precompute.vae) == ("autoencoder_kl", str(Paths(str(tmp_path)).autoencoder_export))
+    assert precompute.text_states == "full" and precompute.text_encoder == "lf-tiny-clip"
+    assert train.export_formats == ["diffusers"]
+
+
+def test_patchify_stays_an_option_without_an_autoencoder_or_a_diffusers_export(tmp_path) -> None:
+    stages = _parsed_stages(tmp_path, "--vae-type", "patchify")
+    assert "train_autoencoder" not in stages
+    assert stages["precompute_latents"].vae_type == "patchify" and stages["train"].export_formats == []

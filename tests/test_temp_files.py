@@ -80,7 +80,8 @@ def test_a_worker_that_resizes_images_and_encodes_text_imports_no_wandb(tmp_path
 
 @pytest.mark.slow
 def test_the_whole_pipeline_leaves_the_temp_dir_as_it_found_it_and_no_mlflow_store(tmp_path) -> None:
-    """The demo (ingest, precompute, train with in-training evals, generate) on its own embedded Ray,
+    """The demo (ingest, autoencoder, precompute, train with in-training evals and its diffusers export,
+    generate) on its own embedded Ray,
     with --no-mlflow: the workers inherit TMPDIR, and no stage may create ./mlruns either."""
     temp, work = tmp_path / "tmp", tmp_path / "work"
     temp.mkdir()
@@ -93,7 +94,8 @@ def test_the_whole_pipeline_leaves_the_temp_dir_as_it_found_it_and_no_mlflow_sto
         proc = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), "--preset", "smoke",
                                "--out", str(work / "demo_output"), "--no-mlflow",
                                # every stage once, not the preset's learning run: 12 steps, evals at 6
-                               "--steps", "12", "--batch-size", "8", "--eval-every", "6", "--checkpoint-every", "6"],
+                               "--steps", "12", "--batch-size", "8", "--eval-every", "6", "--checkpoint-every", "6",
+                               "--autoencoder-steps", "12"],
                               cwd=work, env=env, capture_output=True, text=True, timeout=1500)
     finally:
         subprocess.run(["rm", "-rf", ray_tmp], check=False)

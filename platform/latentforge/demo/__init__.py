@@ -1,7 +1,8 @@
 """The demo data set (generated captioned scenes), its loopback server and the prompt-adherence metric.
 
-Pure numpy/PIL/stdlib: nothing here imports Ray, torch or MLflow, so the pieces are unit-testable
-on their own and `jobs/demo.py` wires them to the real stage jobs.
+Nothing here imports Ray or MLflow, and torch only inside `untrained.write_untrained_export`, so
+the pieces are unit-testable on their own; `config` and `report` hold the demo's settings, layout
+and printed summary, and `jobs/demo.py` wires them to the real stage jobs.
 """
 
 from latentforge.demo.adherence import AdherenceResult, classify_pixels, image_adherence, score_images

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from latentforge.config import ConfigError
 from latentforge.tracking import TrackingOptions
@@ -10,12 +11,13 @@ from latentforge.tracking import TrackingOptions
 
 @dataclass
 class DemoConfig(TrackingOptions):
-    """The whole pipeline on generated scenes: ingest -> precompute -> train -> generate/evaluate."""
+    """The whole pipeline on generated scenes: ingest -> autoencoder -> precompute -> train -> generate."""
 
     out: str = "demo_output"
     """Where everything goes: scenes/, urls.parquet, shards/, latents/, checkpoints/, samples/."""
     fresh: bool = True
-    """Start the stages from scratch (the generated scenes are reused when their settings match)."""
+    """Start the stages from scratch (the generated scenes and the demo's autoencoder are reused when their
+    settings match)."""
     rows: int = 4000
     """Scenes in the data set (balanced over 6 colours x 3 shapes x 4 positions)."""
     image_size: int = 64
@@ -29,9 +31,19 @@ class DemoConfig(TrackingOptions):
     resolution: int = 16
     """Training resolution (precompute resizes/crops to it)."""
     vae: str = ""
-    """VAE weights (diffusers dir or hub id) for --vae-type autoencoder_kl/autoencoder_tiny; '' = patchify."""
-    vae_type: str = "patchify"
-    """patchify (weight-free pixel_unshuffle, the default here) | autoencoder_kl | autoencoder_tiny."""
+    """VAE weights (diffusers dir or hub id) for --vae-type autoencoder_kl/autoencoder_tiny; '' with
+    autoencoder_kl = train the demo's own AutoencoderKL on its scenes (jobs/train_autoencoder.py)."""
+    vae_type: str = "autoencoder_kl"
+    """autoencoder_kl (the default: the demo trains its own) | autoencoder_tiny | patchify (weight-free
+    pixel_unshuffle; its model does not export to diffusers)."""
+    autoencoder_preset: str = "demo"
+    """Preset of the demo's own autoencoder (jobs/configs/train_autoencoder/<name>.yaml)."""
+    autoencoder_steps: int = 0
+    """Training steps of the demo's own autoencoder; 0 = the preset's. A finished autoencoder of the same
+    scenes and settings is reused by the next run (delete OUT/autoencoder to retrain)."""
+    text_states: Literal["full", "real_tokens"] = "full"
+    """Text states precompute stores: full (what diffusers' StableDiffusionPipeline feeds, so the model
+    exports) | real_tokens (masked real tokens; no diffusers export)."""
     text_encoder: str = "lf-tiny-clip"
     """open_clip model name; lf-tiny-clip is a tiny randomly initialised model shipped in the package."""
     text_encoder_weights: str | None = None
@@ -72,13 +84,25 @@ class DemoConfig(TrackingOptions):
                      "sample_steps", "num_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.autoencoder_steps < 0:
+            raise ConfigError("autoencoder_steps must be >= 0 (0 = the preset's)")
         if self.vae_type not in ("patchify", "autoencoder_kl", "autoencoder_tiny"):
             raise ConfigError(f"vae_type: {self.vae_type!r} is not patchify, autoencoder_kl or autoencoder_tiny")
-        if self.vae_type != "patchify" and not self.vae:
-            raise ConfigError(f"--vae (a diffusers directory or hub id) is required with --vae-type {self.vae_type}")
+        if self.vae_type == "autoencoder_tiny" and not self.vae:
+            raise ConfigError("--vae (a diffusers directory or hub id) is required with --vae-type autoencoder_tiny")
         if self.vae and self.vae_type == "patchify":
             raise ConfigError("--vae given: also pass --vae-type autoencoder_kl or autoencoder_tiny")
         if self.text_encoder != "lf-tiny-clip" and not self.text_encoder_weights:
             raise ConfigError("--text-encoder other than lf-tiny-clip needs --text-encoder-weights (tag or file)")
         if self.resolution > self.image_size:
             raise ConfigError("resolution must be <= image_size (the scenes are not upscaled)")
+
+    @property
+    def trains_autoencoder(self) -> bool:
+        """The demo trains its own AutoencoderKL (no --vae given) before precompute."""
+        return self.vae_type == "autoencoder_kl" and not self.vae
+
+    @property
+    def exports_to_diffusers(self) -> bool:
+        """A diffusers VAE class and the pipeline's text-state convention: training exports a diffusers folder."""
+        return self.vae_type != "patchify" and self.text_states == "full"

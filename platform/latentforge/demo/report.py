@@ -1,0 +1,106 @@
+"""Where `jobs/demo.py` puts everything (`DemoPaths`) and the summary it prints at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from latentforge.demo.config import DemoConfig
+from latentforge.reporting import summary_table
+
+AUTOENCODER_RUN = "demo-autoencoder"
+TRAIN_RUN = "demo-train"
+
+
+class DemoPaths:
+    """The demo's directory layout under `out` (absolute, so printed paths work from anywhere)."""
+
+    def __init__(self, out: str) -> None:
+        root = Path(out).resolve()
+        self.root = root
+        self.scenes = root / "scenes"
+        self.urls = root / "urls.parquet"
+        self.models = root / "models"
+        self.shards = root / "shards"
+        # Outside the per-run outputs: a finished autoencoder of the same scenes is reused by the next run.
+        self.autoencoder = root / "autoencoder"
+        self.autoencoder_export = self.autoencoder / AUTOENCODER_RUN / "export"
+        self.latents = root / "latents"
+        self.checkpoints = root / "checkpoints"
+        self.export = self.checkpoints / TRAIN_RUN / "export"
+        self.diffusers = self.checkpoints / TRAIN_RUN / "diffusers"  # training's --export-formats diffusers
+        self.samples = root / "samples"
+        self.prompts = root / "adherence_prompts.txt"
+        self.summary = root / "summary.json"
+
+
+def diffusers_snippet(folder: str) -> str:
+    """The one line that loads the demo's model in diffusers, no network and no LatentForge code."""
+    return (f"from diffusers import StableDiffusionPipeline; "
+            f"pipe = StableDiffusionPipeline.from_pretrained({str(folder)!r}, local_files_only=True)")
+
+
+def _mlflow_rows(config: DemoConfig, result: dict[str, Any]) -> list[tuple[str, str]]:
+    tracking = result["tracking_uri"]
+    if tracking is None:
+        open_cmd, url = "off (--no-mlflow)", "-"
+    elif tracking.startswith("sqlite:///"):
+        open_cmd = f"make mlflow   (or: mlflow server --host 127.0.0.1 --port {config.ui_port} " \
+                   f"--backend-store-uri {tracking})"
+        url = f"http://127.0.0.1:{config.ui_port}"
+    else:
+        open_cmd, url = "(the server you configured with MLFLOW_TRACKING_URI)", tracking
+    run_url = train_url = url
+    if result.get("experiment_id") and result.get("pipeline_run_id"):
+        run_url = f"{url}/#/experiments/{result['experiment_id']}/runs/{result['pipeline_run_id']}"
+        if result.get("training_run_id"):
+            train_url = f"{url}/#/experiments/{result['experiment_id']}/runs/{result['training_run_id']}/model-metrics"
+    return [("MLflow", open_cmd), ("MLflow pipeline run", run_url), ("MLflow training run", train_url)]
+
+
+def _autoencoder_row(config: DemoConfig, result: dict[str, Any]) -> tuple[str, str]:
+    autoencoder = result.get("autoencoder")
+    if autoencoder is None:
+        return ("autoencoder", config.vae or "patchify (weight-free pixel_unshuffle)")
+    how = "reused from an earlier run" if autoencoder["reused"] else f"trained {autoencoder['step']} steps"
+    return ("autoencoder", f"{autoencoder['export']}  (held-out PSNR {autoencoder['psnr']:.1f} dB, "
+                           f"SSIM {autoencoder['ssim']:.3f}; {how})")
+
+
+def _adherence_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    before, after = result["adherence"]["untrained"], result["adherence"]["trained"]
+    return [
+        ("adherence: colour", f"{before['colour']:.0%} untrained -> {after['colour']:.0%} trained "
+                              f"(chance {after['chance_colour']:.0%})"),
+        ("adherence: position", f"{before['position']:.0%} untrained -> {after['position']:.0%} trained"),
+        ("adherence: both", f"{before['both']:.0%} untrained -> {after['both']:.0%} trained"),
+    ]
+
+
+def summary_text(config: DemoConfig, paths: DemoPaths, result: dict[str, Any]) -> str:
+    """The table of where everything is and what was measured, the verdict, and the diffusers snippet."""
+    diffusers = result.get("diffusers")
+    rows = [
+        ("scenes + URL list", f"{paths.scenes}  ({config.rows} rows, {result['broken_urls']} broken URLs)"),
+        ("shards (ingest)", f"{paths.shards}  ({result['ingested']} images)"),
+        _autoencoder_row(config, result),
+        ("latents (precompute)", f"{paths.latents}  ({result['latents']} samples, text states {config.text_states})"),
+        ("checkpoint + export", str(result["export"])),
+        ("diffusers pipeline", diffusers or "not exported (patchify VAE or real_tokens text states)"),
+        ("samples (trained)", f"{paths.samples / 'trained'}  (grid.png, index.jsonl)"),
+        ("samples (untrained)", f"{paths.samples / 'untrained'}"),
+        *_mlflow_rows(config, result),
+        *_adherence_rows(result),
+        ("wall time", f"{result['seconds']:.0f} s  ({', '.join(f'{k} {v:.0f} s' for k, v in result['timings'].items())})"),
+    ]
+    before, after = result["adherence"]["untrained"], result["adherence"]["trained"]
+    verdict = ("The trained model follows its prompts measurably better than the untrained one."
+               if after["colour"] > before["colour"] else
+               "The trained model did NOT beat the untrained one on colour adherence; train longer (--steps).")
+    lines = [summary_table("LatentForge demo", rows), verdict,
+             f"Adherence: share of {after['n']} generated images whose requested colour dominates (and sits "
+             f"where the caption says), measured with latentforge.demo.adherence."]
+    if diffusers:
+        lines += ["Load the trained model in diffusers (no network, no LatentForge code):",
+                  f"  {diffusers_snippet(diffusers)}"]
+    return "\n".join(lines)
