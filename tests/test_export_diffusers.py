@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.harness.diffusers_parity import generate_job_images, load_pipeline, pipeline_images
 from tests.harness.job_process import run_job
 from tests.harness.tiny_export import build_tiny_export
-
-PROMPTS = ["a red circle at the top", "two blue squares!"]
-SEEDS = [3, 11]
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +29,13 @@ def kl_folder(kl_source, tmp_path_factory):
     return out
 
 
-def _pipeline(folder, cls_name: str = "StableDiffusionPipeline"):
-    import diffusers
-
-    pipe = getattr(diffusers, cls_name).from_pretrained(str(folder), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_folder_loads_offline_and_holds_the_export(kl_source, kl_folder) -> None:
     from diffusers import UNet2DConditionModel
 
     from latentforge.export.target import load_source
     from latentforge.manifest import read_manifest
 
-    pipe = _pipeline(kl_folder)
+    pipe = load_pipeline(kl_folder)
     index = json.loads((kl_folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"][1] == "DDIMScheduler"
     assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(os.listdir(kl_folder))
@@ -59,30 +49,11 @@ def test_folder_loads_offline_and_holds_the_export(kl_source, kl_folder) -> None
     assert manifest.inputs[0]["sha256"] == load_source(str(kl_source.dir)).digest
 
 
-def _uint8(arrays: np.ndarray) -> np.ndarray:
-    return (arrays * 255).round().astype(np.int16)
-
-
-def _generate_job(source_dir, tmp_path, *extra: str) -> np.ndarray:
-    from PIL import Image
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "seed": s}) + "\n" for p, s in zip(PROMPTS, SEEDS)))
-    out = tmp_path / "gen"
-    proc = run_job("generate", ["--model", str(source_dir), "--prompts", str(prompts), "--out", str(out),
-                                "--sampler", "ddim", "--steps", "8", "--guidance", "3.5", "--no-progress",
-                                "--no-mlflow", *extra], tmp_path)  # text states: the manifest's (full)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(np.int16) for i in range(len(PROMPTS))])
-
-
 def test_pipeline_images_equal_generate_job(kl_source, kl_folder, tmp_path) -> None:
-    pipe = _pipeline(kl_folder)
-    theirs = pipe(PROMPTS, num_inference_steps=8, guidance_scale=3.5, output_type="np",
-                  generator=[torch.Generator().manual_seed(s) for s in SEEDS]).images
-    ours = _generate_job(kl_source.dir, tmp_path)
+    theirs = pipeline_images(load_pipeline(kl_folder))
+    ours = generate_job_images(kl_source.dir, tmp_path)  # text states: the manifest's (full)
     assert ours.shape == theirs.shape == (2, 32, 32, 3)
-    assert np.abs(ours - _uint8(theirs)).max() <= 1  # within 1/255 per pixel
+    assert np.abs(ours - theirs).max() <= 1  # within 1/255 per pixel
     assert np.abs(ours[0] - ours[1]).max() > 3  # prompts/seeds really differ
 
 
@@ -96,11 +67,9 @@ def test_img2img_pipeline_equals_generate_job(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     init.save(tmp_path / "init.png")
-    pipe = _pipeline(folder, "StableDiffusionImg2ImgPipeline")
-    theirs = pipe(PROMPTS, image=[init] * 2, strength=0.6, num_inference_steps=8, guidance_scale=3.5,
-                  output_type="np", generator=[torch.Generator().manual_seed(s) for s in SEEDS]).images
-    ours = _generate_job(source.dir, tmp_path, "--init-image", str(tmp_path / "init.png"), "--strength", "0.6")
-    assert np.abs(ours - _uint8(theirs)).max() <= 1
+    theirs = pipeline_images(load_pipeline(folder, "StableDiffusionImg2ImgPipeline"), image=[init] * 2, strength=0.6)
+    ours = generate_job_images(source.dir, tmp_path, "--init-image", str(tmp_path / "init.png"), "--strength", "0.6")
+    assert np.abs(ours - theirs).max() <= 1
     assert np.abs(ours[0] - np.asarray(init, np.int16)).max() > 3  # the image was really denoised
 
 
