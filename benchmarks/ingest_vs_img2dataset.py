@@ -1,12 +1,14 @@
 """Ingest throughput vs img2dataset, and peak memory at 10k vs 100k rows.
 
     .venv/bin/python benchmarks/ingest_vs_img2dataset.py [--rows 5000] [--repeats 3] [--processes 2]
-        [--threads 64] [--ray embedded|cluster|both] [--rss-rows 10000,100000] [--skip-rss]
-        [--skip-speed] [--json out.json]
+        [--threads 64] [--ours-parallelism defaults|matched] [--ray embedded|cluster|both]
+        [--rss-rows 10000,100000] [--skip-rss] [--skip-speed] [--json out.json]
 
 Both tools download the same URL list from the same threaded loopback server (a pool of
 photo-like JPEGs of ~10-120 KB, median ~50 KB), resize to the same size and mode, write
-WebDataset tars, and run with the same number of processes and download threads per process.
+WebDataset tars. img2dataset runs with `--processes` processes of `--threads` download threads;
+our job by default with no parallelism flags at all (it sizes itself to the machine), or with
+`--ours-parallelism matched` with the same processes and threads as img2dataset.
 Each run is a fresh subprocess timed end to end (interpreter start, Ray/multiprocessing start-up,
 downloads, writing), because that is what a user waits for; the ingest job's own in-stage rate
 (from its summary) is reported beside it. Runs alternate (ours, theirs, ours, ...) so machine
@@ -99,11 +101,13 @@ def count_tar_images(out: Path, ext: str = ".jpg") -> int:
 
 
 def ours_cmd(src: Path, out: Path, a: argparse.Namespace, image_size: int) -> list[str]:
-    return [PY, "jobs/download_images.py", "--input", str(src), "--output", str(out),
-            "--samples-per-shard", str(a.samples_per_shard), "--image-size", str(image_size),
-            "--resize-mode", a.resize_mode, "--num-cpus", str(a.processes), "--threads-per-shard", str(a.threads),
-            "--max-per-host", str(a.threads), "--allow-private-network", "--no-mlflow", "--no-progress",
-            "--retries", "0", "--timeout-s", "10"]
+    cmd = [PY, "jobs/download_images.py", "--input", str(src), "--output", str(out),
+           "--samples-per-shard", str(a.samples_per_shard), "--image-size", str(image_size),
+           "--resize-mode", a.resize_mode, "--allow-private-network", "--no-mlflow", "--no-progress",
+           "--retries", "0", "--timeout-s", "10"]
+    if a.ours_parallelism == "matched":
+        cmd += ["--num-cpus", str(a.processes), "--threads-per-shard", str(a.threads), "--max-per-host", str(a.threads)]
+    return cmd
 
 
 def theirs_cmd(src: Path, out: Path, a: argparse.Namespace, image_size: int) -> list[str]:
@@ -146,9 +150,11 @@ def speed_phase(a: argparse.Namespace, work: Path, src: Path, env: dict[str, str
             for tool, make, run_env in (("latentforge", ours_cmd, ours_env), ("img2dataset", theirs_cmd, env)):
                 out = work / f"{tool}-{rep}"
                 shutil.rmtree(out, ignore_errors=True)
+                load = os.getloadavg()[0]
                 wall, peak, output = run_measured(make(src, out, a, a.image_size), run_env)
                 images = count_tar_images(out)
                 rec = {"wall_s": round(wall, 2), "images": images, "images_per_s": round(images / wall, 1),
+                       "load_avg_1m_at_start": round(load, 1),
                        "peak_rss_mib": round(peak / 2 ** 20), "in_stage_images_per_s": in_stage_rate(output)}
                 results[tool].append(rec)
                 print(f"[speed:{mode}] {tool} run {rep + 1}: {rec}", flush=True)
@@ -209,6 +215,9 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--resize-mode", default="border")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--ours-parallelism", choices=["defaults", "matched"], default="defaults",
+                        help="defaults: our job with no parallelism flags, as a new user runs it; matched: "
+                             "--num-cpus/--threads-per-shard/--max-per-host set to img2dataset's processes and threads")
     parser.add_argument("--ray", choices=["embedded", "cluster", "both"], default="embedded",
                         help="how our job meets Ray (see the module docstring)")
     parser.add_argument("--rss-rows", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000])
