@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import ray
@@ -21,6 +23,9 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> str:
     """
     if ray.is_initialized():
         return "already-initialised Ray"
+    # ray.init (in the main thread) replaces the SIGTERM handler with sys.exit(signum): a job's own
+    # handler (jobs/_bootstrap.run_job: exit 143 after the stage's cleanup) is put back below.
+    sigterm = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
@@ -32,4 +37,6 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> str:
     # disconnecting (for worker log lines still in flight), which every job would pay at exit;
     # the stage's results are all in by then. Ray's hook then finds nothing left to do.
     atexit.register(ray.shutdown)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
     return where
