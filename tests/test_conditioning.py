@@ -49,22 +49,53 @@ def precompute_config(ingest: Path, out: Path, clip: str, condition: list[str], 
                             dtype="fp32", batch_size=8, fidelity_samples=0, condition=condition, **kw)
 
 
-def test_manifest_records_vocabulary_range_and_skips_missing_values(tmp_path, clip) -> None:
-    def drop_some(i: int, meta: dict) -> dict:  # sample 4 has no shape, sample 7 an unusable score
+@pytest.fixture(scope="module")
+def scene_latents(tmp_path_factory, clip) -> Path:
+    """Scenes with shape + score columns; sample 4 has no shape, sample 7 an unusable score."""
+    def drop_some(i: int, meta: dict) -> dict:
         return {**meta, **({"shape": None} if i == 4 else {"score": "n/a"} if i == 7 else {})}
 
-    ingest = write_scene_shards(tmp_path / "ingest", [9, 9], meta_edit=drop_some)
-    manifest = precompute_in_process(precompute_config(ingest, tmp_path / "lat", clip,
-                                                       ["shape:class", "score:scalar"]))
+    root = tmp_path_factory.mktemp("scenes")
+    ingest = write_scene_shards(root / "ingest", [9, 9], meta_edit=drop_some)
+    precompute_in_process(precompute_config(ingest, root / "lat", clip, ["shape:class", "score:scalar"]))
+    return root / "lat"
+
+
+def test_manifest_records_vocabulary_range_and_skips_missing_values(scene_latents) -> None:
+    manifest = read_manifest(str(scene_latents), stage="precompute")
     assert manifest.extra["conditions"] == [
         {"name": "shape", "kind": "class", "labels": ["circle", "square", "triangle"], "null_id": 3,
          "minimum": None, "maximum": None},
         {"name": "score", "kind": "scalar", "minimum": 0.5, "maximum": 6.5}]
     assert manifest.counts["skipped_missing_condition"] == 2 and manifest.counts["ok"] == 16
-    stored = {k: json.loads(m["cond.json"]) for k, m in tar_samples.iter_shard(str(tmp_path / "lat" / "00000.tar"))}
+    stored = {k: json.loads(m["cond.json"]) for k, m in tar_samples.iter_shard(str(scene_latents / "00000.tar"))}
     assert stored["000000000"] == {"shape": "circle", "score": 0.5}
     assert len(stored) == 7  # samples 4 and 7 are the skipped ones
-    assert read_manifest(str(tmp_path / "lat")).extra["conditions"] == manifest.extra["conditions"]
+
+
+def test_training_feeds_the_conditions_to_the_class_embedding(scene_latents) -> None:
+    """Stored conditions reach the UNet: a class + scalar dataset gets a projection embedding that trains."""
+    from accelerate import Accelerator
+
+    from latentforge.training import data as tdata
+    from latentforge.training.config import TrainConfig
+    from latentforge.training.loop import DiffusionTrainer
+
+    manifest = read_manifest(str(scene_latents), stage="precompute")
+    conditions = ConditionSet.from_manifest(manifest)
+    unet_config = with_conditions(resolve_unet_config("tiny", 12, 32, 8), conditions)
+    empty = tdata.read_empty_caption(str(scene_latents), manifest)
+    trainer = DiffusionTrainer(TrainConfig(data=str(scene_latents), steps=2, batch_size=8, ema_decay=0.0,
+                                           condition_dropout=0.5), unet_config, Accelerator(cpu=True), empty,
+                               conditions=conditions)
+    plan = tdata.plan_data(manifest, 1, 8, 100, 0)
+    rows = tdata.read_positions(str(scene_latents), plan, range(8))
+    batch = tdata.collate([tdata.decode_row(r, "fp32") for r in rows], empty.shape[0])
+    assert batch["conditions"][0] == {"shape": "circle", "score": 0.5}
+    before = [p.detach().clone() for p in trainer.raw_model.class_embedding.parameters()]
+    result = trainer.train_step([batch])
+    assert math.isfinite(result.loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.raw_model.class_embedding.parameters()))
 
 
 def test_a_column_an_ingest_file_lacks_is_refused_before_any_worker(tmp_path, clip) -> None:
@@ -180,3 +211,22 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="COLUMN:class or COLUMN:scalar"):
         PrecomputeConfig(condition=["shape"])
     assert math.isnan(SCORE.null_value())
+
+
+def test_generate_job_refuses_a_label_outside_the_vocabulary_with_exit_2(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from latentforge import storage
+    from tests.harness.tiny_export import build_tiny_export
+
+    export = build_tiny_export(tmp_path / "model").dir
+    record = json.loads((export / "data_manifest.json").read_text())
+    record["extra"]["conditions"] = ConditionSet([SHAPE, SCORE]).records()
+    storage.atomic_write_json(str(export / "data_manifest.json"), record)
+    job = [sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "generate.py"), "--model",
+           str(export), "--prompts", "a shape", "--out", str(tmp_path / "out"), "--no-mlflow", "--condition"]
+    proc = subprocess.run([*job, "shape=hexagon"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "label 'hexagon' is not in the vocabulary; valid labels: circle, square, triangle" in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
