@@ -1,4 +1,5 @@
-"""`jobs/demo.py` end to end (smoke sizes) against a real MLflow server: outputs, grouping, lineage."""
+"""`jobs/demo.py` end to end (smoke sizes) against a real MLflow server: outputs, grouping, lineage, and
+the trained model loading in diffusers from the folder the summary's snippet names."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import yaml
 
 from latentforge.manifest import read_manifest
 
-# The smoke demo trains for real: ~3 min on an idle 2-core machine, 15 on a loaded one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+# The smoke demo trains for real (an autoencoder, then the UNet): minutes on an idle 2-core machine,
+# 20-40 on a loaded one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 SMOKE = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs/configs/demo/smoke.yaml").read_text())
 # The smoke preset trains long enough to learn colour (measured: 17% untrained -> 62% trained, see the
@@ -22,14 +24,21 @@ COLOUR_MARGIN = 0.25
 
 def test_demo_writes_every_stage_and_a_summary(demo_smoke_run) -> None:
     out, summary = demo_smoke_run.out, demo_smoke_run.summary
-    rows, broken = 240, summary["broken_urls"]
-    assert broken == 6
+    rows, broken = SMOKE["rows"], summary["broken_urls"]
+    assert broken == sum(1 for i in range(rows) if i % SMOKE["broken_every"] == 7)  # latentforge.demo.server
     shards = read_manifest(str(out / "shards"), stage="ingest")
     assert shards.total_samples == summary["ingested"] == rows - broken
     assert sum(v for k, v in shards.counts.items() if k not in ("ok", "rows")) >= broken or shards.counts
     latents = read_manifest(str(out / "latents"), stage="precompute")
     assert latents.total_samples == summary["latents"] == rows - broken
-    assert latents.models["vae"]["type"] == "patchify"
+    # The demo's own autoencoder, trained on the ingest shards, made the latents (diffusers' text-state convention).
+    autoencoder = read_manifest(summary["autoencoder"]["export"], stage="autoencoder")
+    assert autoencoder.extra["step"] == summary["autoencoder"]["step"] == SMOKE["autoencoder_steps"]
+    assert latents.models["vae"]["type"] == "autoencoder_kl"
+    assert latents.models["vae"]["scaling_factor"] == pytest.approx(autoencoder.models["vae"]["scaling_factor"])
+    assert latents.config["vae"] == summary["autoencoder"]["export"] and latents.config["text_states"] == "full"
+    # Loosely at smoke size (the default's 1,000 steps on 4,000 scenes reach >= 30 dB, see README).
+    assert summary["autoencoder"]["psnr"] > 20
     for name in ("trained", "untrained"):
         samples = out / "samples" / name
         index = [json.loads(line) for line in (samples / "index.jsonl").read_text().splitlines() if line.strip()]
@@ -55,7 +64,7 @@ def test_demo_stage_runs_are_grouped_and_linked(demo_smoke_run) -> None:
     parent = summary["pipeline_run_id"]
     children = client.search_runs([summary["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     stages = sorted(r.data.tags.get("latentforge.stage") for r in children)
-    assert stages == ["generate", "generate", "ingest", "precompute", "train"]
+    assert stages == ["autoencoder", "generate", "generate", "ingest", "precompute", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
     pipeline = client.get_run(parent)
     assert pipeline.data.metrics["adherence_trained_n"] == SMOKE["prompts"]
@@ -72,9 +81,34 @@ def test_demo_stage_runs_are_grouped_and_linked(demo_smoke_run) -> None:
         for k, v in env.items():
             mp.setenv(k, v)
         assert [u["run_id"] for u in upstream_runs(train)] == by_stage["precompute"]
-        assert [u["run_id"] for u in upstream_runs(by_stage["precompute"][0])] == by_stage["ingest"]
+        # The shards' producer. Precompute and the autoencoder both read the shards' manifest, and
+        # upstream_runs' search also returns the other reader (it has an output dataset of its own).
+        readers = {"precompute": "autoencoder", "autoencoder": "precompute"}
+        for stage, other in readers.items():
+            producers = {u["run_id"] for u in upstream_runs(by_stage[stage][0])}
+            assert producers - set(by_stage[other]) == set(by_stage["ingest"]), stage
         generated_from = {u["run_id"] for g in by_stage["generate"] for u in upstream_runs(g)}
         assert train in generated_from
     # The adherence numbers are also a chart in the training run: step 0 vs the last step.
     history = client.get_metric_history(train, "adherence_colour")
     assert sorted(m.step for m in history) == [0, SMOKE["steps"]]
+
+
+def test_the_printed_snippet_loads_the_demo_model_in_diffusers(demo_smoke_run) -> None:
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from latentforge.demo.report import diffusers_snippet
+
+    folder = demo_smoke_run.summary["diffusers"]
+    assert folder == str(demo_smoke_run.out.resolve() / "checkpoints" / "demo-train" / "diffusers")
+    assert diffusers_snippet(folder) in demo_smoke_run.log  # the printed line names that folder, absolute
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    # Its VAE is the demo's own autoencoder, weights and scaling factor.
+    trained = AutoencoderKL.from_pretrained(demo_smoke_run.summary["autoencoder"]["export"])
+    assert pipe.vae.config.scaling_factor == pytest.approx(trained.config.scaling_factor)
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(pipe.vae.state_dict()[name], tensor, rtol=0, atol=0)
+    image = pipe("a red circle on the left", num_inference_steps=2, height=16, width=16,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (16, 16, 3)

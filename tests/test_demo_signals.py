@@ -11,10 +11,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.harness.ray_head import venv_env
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE_ROWS = yaml.safe_load((REPO / "jobs/configs/demo/smoke.yaml").read_text())["rows"]
 
 
 def _interrupt_demo(tmp_path: Path, signum: int, when: str) -> tuple[int, str]:
@@ -47,7 +49,7 @@ def _interrupt_demo(tmp_path: Path, signum: int, when: str) -> tuple[int, str]:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_demo_exits_128_plus_signal_with_the_bootstrap_line(tmp_path, signum) -> None:
     # Sent while the demo sets up (after its scenes, before or while Ray starts).
-    code, err = _interrupt_demo(tmp_path, signum, "demo: 240 scenes")
+    code, err = _interrupt_demo(tmp_path, signum, f"demo: {SMOKE_ROWS} scenes")
     assert code == 128 + signum, err[-3000:]
     assert f"demo: interrupted; the next `make demo` starts afresh (stopped by {signum.name})" in err
 

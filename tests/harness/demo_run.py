@@ -26,7 +26,7 @@ class DemoRun:
     tracking_uri: str
 
 
-def run_smoke_demo(root: Path, tracking_uri: str, timeout_s: float = 1500, *extra: str) -> DemoRun:
+def run_smoke_demo(root: Path, tracking_uri: str, timeout_s: float = 2400, *extra: str) -> DemoRun:
     out = root / "demo_output"
     # A busy CI machine can be slow to register the embedded Ray's raylet; give it time.
     env = venv_env(MLFLOW_TRACKING_URI=tracking_uri, RAY_raylet_start_wait_time_s="120")
