@@ -83,3 +83,15 @@ def demo_smoke_run(mlflow_server, tmp_path_factory: pytest.TempPathFactory):
     from tests.harness.demo_run import run_smoke_demo
 
     return run_smoke_demo(tmp_path_factory.mktemp("demo_smoke"), mlflow_server.url)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tiny-model tests: a tiny UNet gains nothing from threads,
+    and on a busy 2-core machine OpenMP spinning makes 2 threads ~100x slower than 1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,12 +30,7 @@ SHAPE = ConditionSpec("shape", "class", labels=["circle", "square", "triangle"])
 SCORE = ConditionSpec("score", "scalar", minimum=0.5, maximum=6.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from tests.harness.two_rank_train import PerSampleNoise, slice_batch, train_on_t
 WIDTH = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny UNet gains nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    # spinning makes 2 threads ~100x slower than 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
-"""The upscaler stage in training: low-res pairs through the real feeder, the trainer's image condition,
-the export record, and a trained tiny upscaler against bicubic on held-out demo scenes."""
+"""The upscaler stage in training: low-res pairs through the real feeder (fixed per key and
+epoch) and the refusals of set-ups that cannot train, in the config and through the job."""
 
 from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,12 +17,7 @@ from latentforge.upscaler.training import upscaler_setup, upscaler_unet
 from tests.harness.sr_scenes import write_scene_latents
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny UNet gains nothing from threads on a busy 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
