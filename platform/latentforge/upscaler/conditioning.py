@@ -30,9 +30,11 @@ class NoiseLevelError(ValueError):
 
 
 def make_low_res_scheduler(config: dict[str, Any] | None = None) -> Any:
-    from diffusers import DDPMScheduler
+    """The noise-augmentation schedule (SD x4's unless the export recorded another), from the one
+    scheduler factory; only its `add_noise` is used, so the sampling settings it applies are inert."""
+    from latentforge.diffusion.schedulers import make_scheduler
 
-    return DDPMScheduler(**{**LOW_RES_SCHEDULER, **(config or {})})
+    return make_scheduler("ddpm", {**LOW_RES_SCHEDULER, **(config or {})})
 
 
 def check_noise_level(level: int, max_noise_level: int) -> None:
