@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from jobs.demo import SETTINGS_NAME, Paths, StageFailed, autoencoder_settings, stage_argv, train_or_reuse_autoencoder
+from jobs.demo import SETTINGS_NAME, StageFailed, train_or_reuse_autoencoder
+from latentforge.demo.commands import Paths, autoencoder_settings, stage_argv
 from latentforge.config import parse_config
 from latentforge.demo.config import DemoConfig
 from tests.harness.tiny_models import save_tiny_autoencoder_kl

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs import _bootstrap
-from jobs.demo import Paths, stage_argv
+from latentforge.demo.commands import Paths, stage_argv
 from latentforge.config import parse_config
 from latentforge.demo.config import DemoConfig
 from latentforge.precompute.config import PrecomputeConfig
