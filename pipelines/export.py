@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from latentforge import storage
 from latentforge.export.config import ExportConfig
@@ -43,6 +44,11 @@ def _local(out: str) -> str:
 def export_to(source: Source, config: ExportConfig) -> str:
     """Write ``source`` in ``config.format``; returns where it went."""
     out = config.out or default_out(source, config.format)
+    if source.upscaler:
+        check_upscaler_format(config.format)
+        from latentforge.export.upscale_folder import write_upscale_folder
+
+        return str(write_upscale_folder(source, _local(out), config.sampler))
     if config.format == "diffusers":
         from latentforge.export.diffusers_folder import write_diffusers_folder
 
@@ -57,12 +63,26 @@ def export_to(source: Source, config: ExportConfig) -> str:
     return logged.get("registry_uri") or logged["model_uri"]
 
 
-def preflight(data_manifest: Manifest, formats: list[str], tracked: bool) -> None:
-    """Training's --export-formats: refuse before training what could not be exported after it."""
+def check_upscaler_format(fmt: str) -> None:
+    if fmt != "diffusers":
+        raise ExportRefused(f"{fmt} export refused: the model is an upscaler, which exports as a diffusers "
+                            "StableDiffusionUpscalePipeline folder only; fix: --format diffusers")
+
+
+def preflight(data_manifest: Manifest, formats: list[str], tracked: bool,
+              upscaler: dict[str, Any] | None = None) -> None:
+    """Training's --export-formats: refuse before training what could not be exported after it
+    (``upscaler``: the run's future ``extra.upscaler`` when it trains one)."""
     from latentforge.export.diffusers_folder import check_diffusers
     from latentforge.export.mlflow_model import check_mlflow
     from latentforge.export.single_file import check_single_file
+    from latentforge.export.upscale_folder import check_upscale
 
+    if upscaler is not None:
+        for fmt in formats:
+            check_upscaler_format(fmt)
+        check_upscale(data_manifest, upscaler)
+        return
     checks = {"diffusers": check_diffusers, "single-file": check_single_file,
               "mlflow": lambda manifest: check_mlflow(manifest, "tracked" if tracked else None)}
     for fmt in formats:

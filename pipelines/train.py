@@ -35,7 +35,7 @@ from latentforge.tracking import StageRun, tracking_uri
 from latentforge.training import data as tdata
 from latentforge.training import run_storage
 from latentforge.training.config import TrainConfig
-from latentforge.upscaler.training import upscaler_unet
+from latentforge.upscaler.training import upscaler_setup, upscaler_unet
 from pipelines.train_worker import train_worker
 
 log = logging.getLogger("latentforge.train")
@@ -178,7 +178,8 @@ def run(config: TrainConfig) -> TrainResult:
     if config.export_formats:
         from pipelines.export import preflight
 
-        preflight(manifest, config.export_formats, config.mlflow)  # refused now, not after training
+        upscaler = upscaler_setup(config, manifest).record(manifest) if config.stage == "upscaler" else None
+        preflight(manifest, config.export_formats, config.mlflow, upscaler)  # refused now, not after training
     config.run_name = config.run_name or run_storage.default_run_name()
     config.storage_path = _absolute_storage(config.storage_path)
     where = init_ray()

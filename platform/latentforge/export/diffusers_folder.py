@@ -57,25 +57,31 @@ def build_pipeline(source: Source, sampler: str = "ddim", encoder: Any = None) -
     ``TextEncoder``, loaded from the data manifest when None)."""
     from diffusers import StableDiffusionPipeline
 
-    from latentforge.export.clip_convert import to_clip_text_model
-    from latentforge.diffusion.schedulers import canonical_sampler, make_scheduler
-    from latentforge.models.text_encoder import load_text_encoder_from_manifest
     from latentforge.models.vae import load_vae_from_manifest
 
-    if canonical_sampler(sampler) not in PIPELINE_SAMPLERS:
-        raise ExportRefused(f"default sampler {sampler!r}: expected one of {list(PIPELINE_SAMPLERS)}")
     check_diffusers(source.data_manifest)
-    encoder = encoder or load_text_encoder_from_manifest(source.data_manifest)
-    vae = load_vae_from_manifest(source.data_manifest)
-    pipe = StableDiffusionPipeline(
-        vae=vae.model, text_encoder=to_clip_text_model(encoder), tokenizer=_tokenizer(encoder),
-        unet=source.model.unet, scheduler=make_scheduler(sampler, source.model.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    parts = pipeline_parts(source, sampler, encoder)
+    pipe = StableDiffusionPipeline(vae=load_vae_from_manifest(source.data_manifest).model, **parts,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _tokenizer(encoder: Any) -> Any:
+def pipeline_parts(source: Source, sampler: str, encoder: Any = None) -> dict[str, Any]:
+    """What every exported pipeline holds beside its VAE: unet, text_encoder, tokenizer, scheduler
+    (the training noise schedule as ``sampler``)."""
+    from latentforge.export.clip_convert import to_clip_text_model
+    from latentforge.diffusion.schedulers import canonical_sampler, make_scheduler
+    from latentforge.models.text_encoder import load_text_encoder_from_manifest
+
+    if canonical_sampler(sampler) not in PIPELINE_SAMPLERS:
+        raise ExportRefused(f"default sampler {sampler!r}: expected one of {list(PIPELINE_SAMPLERS)}")
+    encoder = encoder or load_text_encoder_from_manifest(source.data_manifest)
+    return {"unet": source.model.unet, "text_encoder": to_clip_text_model(encoder),
+            "tokenizer": clip_tokenizer(encoder), "scheduler": make_scheduler(sampler, source.model.scheduler_config)}
+
+
+def clip_tokenizer(encoder: Any) -> Any:
     """CLIPTokenizer from files written out of open_clip's vocabulary (the only way transformers builds one)."""
     import tempfile
 
@@ -107,18 +113,24 @@ def folder_source_digest(folder: str) -> str | None:
 
 def write_diffusers_folder(source: Source, out: str, sampler: str = "ddim") -> Path:
     """Write ``out`` atomically (temp folder, manifest last, rename); returns its path."""
-    check_out(out, source.digest, folder_source_digest)
-    from latentforge.export.clip_convert import write_tokenizer_files
     from latentforge.models.text_encoder import load_text_encoder_from_manifest
 
+    check_out(out, source.digest, folder_source_digest)
     check_diffusers(source.data_manifest)
     encoder = load_text_encoder_from_manifest(source.data_manifest)
     pipe = build_pipeline(source, sampler, encoder)
+    return save_pipeline_folder(pipe, encoder, out, export_manifest(source, "diffusers", sampler=sampler))
+
+
+def save_pipeline_folder(pipe: Any, encoder: Any, out: str, manifest: Manifest) -> Path:
+    """``pipe.save_pretrained`` into ``out`` atomically, open_clip's tokenizer files, ``manifest`` last."""
+    from latentforge.export.clip_convert import write_tokenizer_files
+
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         # vocab.json/merges.txt instead of the saved tokenizer.json: tokenizers' vocabulary drops the
         # pad alias of id 0 (clip_convert.PAD_TOKEN), so a reloaded tokenizer.json would pad with id 49408.
         shutil.rmtree(tmp / "tokenizer")
         write_tokenizer_files(encoder, str(tmp / "tokenizer"))
-        write_manifest(str(tmp), export_manifest(source, "diffusers", sampler=sampler))
+        write_manifest(str(tmp), manifest)
     return Path(out)

@@ -50,6 +50,11 @@ class Source:
         return next((i.get("sha256") for i in inputs if i.get("kind") == "manifest"), None)
 
     @property
+    def upscaler(self) -> dict[str, Any] | None:
+        """The train manifest's ``extra.upscaler`` (a super-resolution stage); None for a base model."""
+        return (self.model.manifest.extra.get("upscaler") if self.model.manifest is not None else None) or None
+
+    @property
     def prediction_type(self) -> str:
         return str(self.model.scheduler_config.get("prediction_type", "epsilon"))
 

@@ -87,9 +87,11 @@ def check_options(config: Any) -> None:
     if not 0 <= config.max_noise_level <= limit:
         raise ConfigError(f"max_noise_level must be in [0, {limit}] (the low-res noise schedule), "
                           f"got {config.max_noise_level}")
-    if config.eval_prompts or config.export_formats:
-        raise ConfigError("--stage upscaler has no in-training text-to-image eval and no --export-formats yet; "
-                          "drop --eval-prompts / --export-formats")
+    if config.eval_prompts:
+        raise ConfigError("--stage upscaler has no in-training text-to-image eval yet; drop --eval-prompts")
+    if set(config.export_formats) - {"diffusers"}:
+        raise ConfigError("--stage upscaler exports as a diffusers StableDiffusionUpscalePipeline folder only; "
+                          "use --export-formats diffusers")
 
 
 def upscaler_unet(config: Any, manifest: Manifest, channels: int, text_width: int, latent_size: int) -> dict[str, Any]:
