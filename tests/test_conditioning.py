@@ -208,20 +208,48 @@ def test_config_validation() -> None:
     assert math.isnan(SCORE.null_value())
 
 
-def test_generate_job_refuses_a_label_outside_the_vocabulary_with_exit_2(tmp_path) -> None:
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def labelled_export(tmp_path_factory) -> Path:
+    """A tiny export whose data records the shape labels and the score range, and whose UNet weights are
+    gone: a refusal must come before any model is loaded (a load would fail with exit 1, not 2)."""
     from latentforge import storage
     from tests.harness.tiny_export import build_tiny_export
 
-    export = build_tiny_export(tmp_path / "model").dir
+    export = build_tiny_export(tmp_path_factory.mktemp("model")).dir
     record = json.loads((export / "data_manifest.json").read_text())
     record["extra"]["conditions"] = ConditionSet([SHAPE, SCORE]).records()
     storage.atomic_write_json(str(export / "data_manifest.json"), record)
-    job = [sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "generate.py"), "--model",
-           str(export), "--prompts", "a shape", "--out", str(tmp_path / "out"), "--no-mlflow", "--condition"]
-    proc = subprocess.run([*job, "shape=hexagon"], capture_output=True, text=True, timeout=300)
+    for weights in (export / "unet").glob("*.safetensors"):
+        weights.unlink()
+    return export
+
+
+def generate_args(export: Path, out: Path, condition: str) -> list[str]:
+    return ["--model", str(export), "--prompts", "a shape", "--out", str(out), "--no-mlflow", "--condition", condition]
+
+
+def test_generate_job_refuses_a_label_outside_the_vocabulary_with_exit_2(labelled_export, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    job = [sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "generate.py")]
+    proc = subprocess.run([*job, *generate_args(labelled_export, tmp_path / "out", "shape=hexagon")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "label 'hexagon' is not in the vocabulary; valid labels: circle, square, triangle" in proc.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("condition, message", [
+    ("shape=circle,score=7", "condition score: 7 is outside the recorded range [0.5, 6.5]"),
+    ("score=0.4", "condition score: 0.4 is outside the recorded range [0.5, 6.5]"),
+    ("score=high", "condition score: 'high' is not a number"),
+    ("colour=red", "condition 'colour=red': expected NAME=VALUE with NAME one of ['shape', 'score']")])
+def test_generate_job_refuses_a_bad_scalar_or_name_in_one_line(labelled_export, tmp_path, capsys, monkeypatch,
+                                                               condition, message) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "jobs"))  # as `python jobs/X.py`
+    from jobs.generate import main
+
+    assert main(generate_args(labelled_export, tmp_path / "out", condition)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"generate: {message}"]
+    assert not (tmp_path / "out").exists()

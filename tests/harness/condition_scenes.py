@@ -30,9 +30,11 @@ def scene_meta(index: int, colour: str, shape: str, position: str) -> dict[str, 
 def write_scene_shards(out_dir: str | Path, shard_sizes: Sequence[int], image_size: int = 16,
                        colours: Sequence[str] = ("red",), positions: Sequence[str] = tuple(POSITIONS),
                        meta_edit: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None,
-                       file_columns: Sequence[Sequence[str]] | None = None, seed: int = 0) -> Path:
+                       file_columns: Sequence[Sequence[str]] | None = None, seed: int = 0,
+                       jitter: bool = True) -> Path:
     """Ingest shards of scenes cycling shapes fastest; `meta_edit(i, meta)` may change a sample's metadata,
-    `file_columns` is what the ingest manifest records as each input file's columns (None: the scene's)."""
+    `file_columns` is what the ingest manifest records as each input file's columns (None: the scene's).
+    `jitter=False` renders every scene with the same draws, so equal columns give equal images."""
     import webdataset as wds
 
     out = Path(out_dir)
@@ -45,8 +47,9 @@ def write_scene_shards(out_dir: str | Path, shard_sizes: Sequence[int], image_si
             for _ in range(count):
                 shape, colour = SHAPES[index % len(SHAPES)], colours[(index // 3) % len(colours)]
                 position = positions[(index // 3 // len(colours)) % len(positions)]
+                draws = rng if jitter else random.Random(seed)
                 buffer = io.BytesIO()
-                render_scene(colour, shape, position, image_size, rng).save(buffer, format="PNG")
+                render_scene(colour, shape, position, image_size, draws).save(buffer, format="PNG")
                 key = formats.sample_key(shard, index)
                 meta = {"key": key, **scene_meta(index, colour, shape, position)}
                 meta = meta_edit(index, meta) if meta_edit else meta

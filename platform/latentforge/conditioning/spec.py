@@ -139,9 +139,9 @@ class ConditionSet:
             value: Any = text.strip() if spec.kind == "class" else _float(spec.name, text)
             try:
                 spec.value_of(value)
-            except ValueError as exc:
-                valid = f"valid labels: {', '.join(spec.labels)}" if spec.kind == "class" else f"range {_range(spec)}"
-                raise ConfigError(f"{exc}; {valid}") from exc
+            except ValueError as exc:  # a scalar's message already names the range
+                valid = f"; valid labels: {', '.join(spec.labels)}" if spec.kind == "class" else ""
+                raise ConfigError(f"{exc}{valid}") from exc
             request[spec.name] = value
         return request
 
@@ -151,7 +151,3 @@ def _float(name: str, text: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"condition {name}: {text!r} is not a number") from None
-
-
-def _range(spec: ConditionSpec) -> str:
-    return f"[{spec.minimum:g}, {spec.maximum:g}]"
