@@ -93,13 +93,16 @@ def test_training_feeds_the_conditions_to_the_class_embedding(scene_latents) -> 
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.raw_model.class_embedding.parameters()))
 
 
-def test_a_column_an_ingest_file_lacks_is_refused_before_any_worker(tmp_path, clip) -> None:
+def test_a_column_an_ingest_file_lacks_is_refused_before_any_worker(tmp_path, clip, capsys) -> None:
     from jobs.precompute_latents import main
 
     ingest = write_scene_shards(tmp_path / "ingest", [3], file_columns=[["shape", "score"], ["score"]])
     args = ["--input", str(ingest), "--output", str(tmp_path / "lat"), "--vae-type", "patchify",
             "--text-encoder", "lf-tiny-clip", "--text-encoder-weights", clip, "--no-mlflow"]
     assert main([*args, "--condition", "shape:class"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "precompute: condition column 'shape' is missing from 1 of 2 ingest input file(s) (urls1.parquet); "
+        "columns ingest kept: ['score', 'shape']"]
     assert not (tmp_path / "lat").exists()  # refused while planning: nothing written, no Ray started
     with pytest.raises(ConfigError, match="'shape' is missing from 1 of 2 ingest input file"):
         plan_run(precompute_config(ingest, tmp_path / "lat", clip, ["shape:class"]))
