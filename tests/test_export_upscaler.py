@@ -187,3 +187,19 @@ def test_training_exports_an_upscaler_as_its_diffusers_folder(sr_export) -> None
     assert export_formats(str(sr_export), ["diffusers"]) == [str(sr_export.parent / "diffusers")]
     index = json.loads((sr_export.parent / "diffusers" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionUpscalePipeline"
+
+
+def test_train_refuses_an_upscaler_it_could_not_export_before_any_worker_starts(tmp_path) -> None:
+    from latentforge.export.target import ExportRefused
+    from latentforge.models.text_encoder import save_tiny_clip_checkpoint
+    from latentforge.training.config import TrainConfig
+    from pipelines.train import run
+    from tests.harness.sr_scenes import write_scene_latents
+
+    clip = str(save_tiny_clip_checkpoint(tmp_path / "clip.safetensors"))
+    data = write_scene_latents(tmp_path / "lat32", clip, count=4, resolution=RESOLUTION, shard_size=4)  # patchify
+    config = TrainConfig(data=str(data.dir), stage="upscaler", lowres_factor=2, export_formats=["diffusers"],
+                         batch_size=2, storage_path=str(tmp_path / "runs"), mlflow=False)
+    with pytest.raises(ExportRefused, match="VAE type is 'patchify'"):
+        run(config)
+    assert not (tmp_path / "runs").exists()
