@@ -3,6 +3,9 @@
     python jobs/export_model.py --model STORAGE/RUN/export --format diffusers --out sd-folder/
     python jobs/export_model.py --model RUN_ID --format single-file --out model.safetensors
     python jobs/export_model.py --model RUN_ID --format mlflow --register-as my-model
+
+An upscaler export (jobs/train.py --stage upscaler) becomes a StableDiffusionUpscalePipeline folder
+with --format diffusers (docs/super_resolution.md, "Export").
 """
 
 from __future__ import annotations

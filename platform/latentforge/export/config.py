@@ -16,7 +16,8 @@ class ExportConfig:
     model: str = ""
     """The train export: export dir (STORAGE/RUN/export), a training run dir holding export/, or an MLflow run id."""
     format: str = "diffusers"
-    """diffusers (pipeline folder) | single-file (LDM-layout .safetensors) | mlflow (pyfunc on the training run)."""
+    """diffusers (pipeline folder; StableDiffusionUpscalePipeline for an upscaler) | single-file (LDM-layout
+    .safetensors) | mlflow (pyfunc on the training run)."""
     out: str | None = None
     """Output path. Default: EXPORT/../diffusers for diffusers, EXPORT/../model.safetensors for single-file;
     for mlflow the artifact path inside the training run (default: model)."""
