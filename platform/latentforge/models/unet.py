@@ -1,11 +1,12 @@
 """Denoising UNets for latent diffusion: named presets or a diffusers config file.
 
     build_unet("tiny", in_channels=4, cross_attention_dim=64)       # ~0.8 M params, CPU tests
+    build_unet("tiny-pooled", 4, 32)                                # tiny + pooled text in the time embedding
     build_unet("sd15", 4, 768)                                      # Stable Diffusion 1.5 shape
     build_unet("sd2-base", 4, 1024)                                 # Stable Diffusion 2 (base) shape
     build_unet("path/to/unet/config.json", 4, 1024)                 # any UNet2DConditionModel config
 
-`tiny` adapts to the data (its channels and cross-attention width come from the latent
+`tiny` and `tiny-pooled` adapt to the data (its channels and cross-attention width come from the latent
 manifest). `sd15` / `sd2-base` and config files have fixed shapes, so a mismatch with the data
 is a clear `UNetConfigError` rather than a shape error deep inside the first forward pass.
 `resolve_unet_config` does all the checking without building weights, so the train driver can
@@ -34,17 +35,24 @@ _SD_BLOCKS = {
     "norm_eps": 1e-5,
 }
 
+# ~0.8 M parameters at cross_attention_dim 64: two resolutions, attention at the top one.
+_TINY = {
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "sample_size": 8,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~0.8 M parameters at cross_attention_dim 64: two resolutions, attention at the top one.
-    "tiny": {
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64],
-        "layers_per_block": 1,
-        "attention_head_dim": 8,
-        "norm_num_groups": 8,
-        "sample_size": 8,
-    },
+    "tiny": _TINY,
+    # `tiny` + the text states attention-pooled into the time embedding (diffusers' addition_embed_type
+    # "text"), so every ResNet block, not only the cross-attention layers, sees the whole caption: a global
+    # signal for where the object goes (~1 % more compute; the demo's position adherence, jobs/configs/demo).
+    # 4 pooling heads divide every text width in use (32, 64, 512, 768, 1024).
+    "tiny-pooled": {**_TINY, "addition_embed_type": "text", "addition_embed_type_num_heads": 4},
     # runwayml/stable-diffusion-v1-5 unet/config.json (860 M parameters).
     "sd15": {**_SD_BLOCKS, "in_channels": 4, "out_channels": 4, "cross_attention_dim": 768,
              "attention_head_dim": 8, "sample_size": 64},
@@ -53,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
                  "upcast_attention": False, "sample_size": 64},
 }
-ADAPTIVE_PRESETS = ("tiny",)
+ADAPTIVE_PRESETS = ("tiny", "tiny-pooled")
 """Presets whose channels / cross-attention width are taken from the data."""
 
 
@@ -105,6 +113,10 @@ def resolve_unet_config(preset_or_config_path: str, in_channels: int, cross_atte
     if config.get("cross_attention_dim", 1280) != cross_attention_dim:
         problems.append(f"cross_attention_dim {config.get('cross_attention_dim', 1280)} but the text states are "
                         f"{cross_attention_dim} wide")
+    heads = config.get("addition_embed_type_num_heads", 64)
+    if config.get("addition_embed_type") == "text" and cross_attention_dim % heads:
+        problems.append(f"the text states are {cross_attention_dim} wide, which its {heads} text-pooling heads "
+                        f"(addition_embed_type_num_heads) do not divide")
     if problems:
         hint = (" (the 'tiny' preset adapts to any data; for sd15 use a 768-wide text encoder, for sd2-base a "
                 "1024-wide one, both with 4-channel latents)")
