@@ -1,10 +1,13 @@
-"""Evaluate a trained LatentForge model: FID and CLIP score on an eval set.
+"""Evaluate a trained LatentForge model: FID and CLIP score on an eval set, per stage for a cascade,
+or an upscaler's PSNR / SSIM against bicubic on held-out pairs (docs/evaluation.md).
 
     python jobs/evaluate.py --model STORAGE/RUN/export --eval-set LATENTS_OR_SHARDS \
         --fid-weights pt_inception-2015-12-05-6726825d.pth --clip-model ViT-B-32 --clip-weights laion2b_s34b_b79k
     python jobs/evaluate.py --model RUN_ID --eval-set LATENTS --num-samples 2048
+    python jobs/evaluate.py --model BASE --upscaler SR --eval-set LATENTS32 --fid-weights ... --clip-model ...
+    python jobs/evaluate.py --upscaler SR --eval-set HELDOUT32 --noise-level 0 --num-samples 64
 
-The metrics are logged into the MLflow run the checkpoint came from (and into an evaluate run).
+The metrics are logged into the MLflow run each checkpoint came from (and into an evaluate run).
 """
 
 from __future__ import annotations

@@ -1,9 +1,15 @@
-"""Evaluate a finished checkpoint: sample the eval set's captions, FID + CLIP score, log to MLflow.
+"""Evaluate finished checkpoints and log to MLflow; three modes (docs/evaluation.md):
+
+    --model BASE                     sample the eval set's captions: FID + CLIP score
+    --model BASE --upscaler SR[,SR2] the cascade: FID + CLIP score at every stage's resolution
+    --upscaler SR                    SR fidelity on held-out pairs: PSNR / SSIM of SR and of bicubic
 
 Runs in one process (one GPU when there is one): FID needs every feature of both sets, and the
 eval set is small compared with generation at scale (use `pipelines.generate` with `--ray` for
-that). The metrics go into this evaluate run and into the training run the export came from, at
-the export's step, so the training run's charts show post-hoc evaluations beside in-training ones.
+that). The metrics go into this evaluate run and into the training run each stage's export came
+from, at the export's step, so the training run's charts show post-hoc evaluations beside in-training
+ones. Everything that can be checked from manifests and held-out data (cascade sizes, noise level,
+held-out image size) is checked before any model loads: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -32,92 +38,201 @@ class EvaluateResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Scored:
+    """What one mode measured, before it is written and logged."""
 
-def _log_to_source(run_id: str, metrics: dict[str, float], step: int, files: list[str], artifact_dir: str) -> None:
-    from latentforge import tracking
+    metrics: dict[str, float]
+    info: dict[str, Any]
+    pictures: dict[str, Any]
+    """File name -> uint8 image (HWC) to save and log as an artifact."""
+    sources: list[tuple[Any, dict[str, float]]]
+    """(export, its metrics): each logged into the training run the export came from, at its step."""
+    rows: list[tuple[str, Any]]
+    """Mode-specific rows of the summary table."""
+    preface: str = ""
+    """Printed above the summary table (the SR fidelity side-by-side table)."""
 
-    log_metrics = getattr(tracking, "log_metrics_to_run", None)
-    log_artifact = getattr(tracking, "log_artifact_to_run", None)
-    if log_metrics is None or log_artifact is None:  # pragma: no cover - older tracking module
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking.tracking_uri())
-        from mlflow.entities import Metric
+def _metric_models(config: EvaluateConfig, device: Any) -> tuple[Any, Any]:
+    """(Inception, CLIP scorer), each None when not configured; a wrong weights file fails before any sampling."""
+    from latentforge.evaluation.clip_score import ClipScorer
+    from latentforge.evaluation.fid import InceptionFeatures
 
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-        for f in files:
-            client.log_artifact(run_id, f, artifact_dir)
-        return
-    log_metrics(run_id, metrics, step=step)
-    for f in files:
-        log_artifact(run_id, f, artifact_dir)
+    if not config.fid_weights and not config.clip_model:
+        log.warning("neither --fid-weights nor --clip-model is set: only samples are made, no metric")
+    inception = InceptionFeatures(config.fid_weights, config.fid_weights_sha256, device=device) \
+        if config.fid_weights else None
+    clip = ClipScorer(config.clip_model, config.clip_weights, device=device) if config.clip_model else None
+    return inception, clip
+
+
+def _params(config: EvaluateConfig) -> Any:
+    from latentforge.generation.sampler import SampleParams
+
+    return SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
+                        negative_prompt=config.negative_prompt)
+
+
+def _metric_rows(metrics: dict[str, float], info: dict[str, Any], suffix: str = "") -> list[tuple[str, Any]]:
+    """Summary rows of FID / CLIP score (names ending with `suffix`, e.g. '_32px')."""
+    rows: list[tuple[str, Any]] = []
+    label = f" at {suffix[1:]}" if suffix else ""
+    if f"fid{suffix}" in metrics:
+        rows += [(f"FID{label}", f"{metrics[f'fid{suffix}']:.4f} (N={int(metrics[f'fid_num_samples{suffix}'])})")]
+    if f"clip_score{suffix}" in metrics:
+        rows += [(f"CLIP score{label}", f"{metrics[f'clip_score{suffix}']:.4f}")]
+    return rows
+
+
+def _description_rows(info: dict[str, Any]) -> list[tuple[str, Any]]:
+    named = [("FID weights sha256", "fid_weights_sha256"), ("FID reference", "fid_reference"),
+             ("FID resize", "fid_resize"), ("CLIP model", "clip_model"), ("CLIP formula", "clip_score_formula")]
+    return [(label, info[key]) for label, key in named if info.get(key) is not None]
+
+
+def _score_base(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> tuple[Scored, Any]:
+    from latentforge.evaluation.scoring import score_sampler
+    from latentforge.generation.export import load_export
+
+    inception, clip = _metric_models(config, device)
+    model = load_export(config.model, device=device, dtype=dtype)
+    sampler = model.sampler(device=device, dtype=dtype, text_states=config.text_states)
+    scored = score_sampler(sampler, eval_set, config.num_samples, _params(config), seed=config.seed,
+                           batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir)
+    rows = [("samples (N)", int(scored.metrics["num_samples"])), *_metric_rows(scored.metrics, scored.info),
+            *_description_rows(scored.info)]
+    return Scored(scored.metrics, scored.info, {"grid.png": scored.preview}, [(model, scored.metrics)], rows), model
+
+
+def _plan_cascade(config: EvaluateConfig) -> Any:
+    """The checked chain (sizes, channels, noise level) from the manifests alone."""
+    from latentforge.generation.export import resolve_export_dir
+    from latentforge.upscaler.cascade import base_output_size, plan_cascade, upscaler_manifest_record
+    from latentforge.upscaler.conditioning import check_noise_level
+
+    base, upscalers = resolve_export_dir(config.model), [resolve_export_dir(u) for u in config.upscalers]
+    cascade = plan_cascade(base, upscalers, base_output_size(base, None, None))
+    for export_dir in upscalers:
+        check_noise_level(config.noise_level, int(upscaler_manifest_record(export_dir)["noise_level_range"][1]))
+    return cascade
+
+
+def _score_cascade(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> tuple[Scored, Any]:
+    from latentforge.evaluation.scoring import score_cascade
+    from latentforge.generation.export import load_export
+    from latentforge.upscaler.sampling import Upscaler
+
+    cascade = _plan_cascade(config)
+    inception, clip = _metric_models(config, device)
+    model = load_export(cascade.base, device=device, dtype=dtype)
+    exports = [load_export(d, device=device, dtype=dtype) for d in cascade.upscalers]
+    upscalers = [Upscaler(e, device, dtype, config.text_states) for e in exports]
+    scored = score_cascade(model.sampler(device=device, dtype=dtype, text_states=config.text_states), upscalers,
+                           eval_set, config.num_samples, _params(config), config.noise_level, seed=config.seed,
+                           batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir)
+    sizes = scored.info["resolutions"]
+    sources = [(export, {k: v for k, v in scored.metrics.items() if k.endswith(f"_{size}px")})
+               for export, size in zip([model, *exports], sizes)]
+    rows: list[tuple[str, Any]] = [("upscalers", " -> ".join(cascade.upscalers)), ("noise level", config.noise_level),
+                                   ("samples (N)", int(scored.metrics["num_samples"]))]
+    for size in sizes:
+        rows += _metric_rows(scored.metrics, scored.info, f"_{size}px")
+    pictures = {f"grid_{size}px.png": images for size, images in scored.previews.items()}
+    return Scored(scored.metrics, scored.info, pictures, sources, rows + _description_rows(scored.info)), model
+
+
+def _score_sr(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> tuple[Scored, Any]:
+    from latentforge.evaluation.sr_fidelity import comparison_picture, fidelity_table, held_out_images, sr_fidelity
+    from latentforge.generation.export import load_export, resolve_export_dir
+    from latentforge.upscaler.cascade import upscaler_manifest_record
+    from latentforge.upscaler.conditioning import check_noise_level
+    from latentforge.upscaler.sampling import Upscaler
+
+    export_dir = resolve_export_dir(config.upscalers[0])
+    record = upscaler_manifest_record(export_dir)
+    check_noise_level(config.noise_level, int(record["noise_level_range"][1]))
+    held = held_out_images(eval_set, int(record["resolution"]), config.num_samples)
+    export = load_export(export_dir, device=device, dtype=dtype)
+    result = sr_fidelity(Upscaler(export, device, dtype, config.text_states), held, _params(config),
+                         config.noise_level, seed=config.seed, batch_size=config.batch_size,
+                         degradation_seed=config.seed)
+    info = {"eval_set": config.eval_set, "keys": held.keys, "noise_level": config.noise_level,
+            "sampler": config.sampler, "steps": config.steps, "guidance": config.guidance, "seed": config.seed,
+            "lowres_size": result.lowres_size, "resolution": result.resolution,
+            "degradation": {**record.get("degradation", {}), "factor": record["lowres_factor"], "seed": config.seed},
+            "metric": "torchmetrics PSNR (data_range 1, all pixels) / SSIM (Gaussian window, mean over images)"}
+    rows = [("held-out pairs", len(held.keys)), ("noise level", config.noise_level),
+            ("SR PSNR gain over bicubic", f"{result.metrics['sr_psnr_gain_db']:+.2f} dB")]
+    return Scored(result.metrics, info, {"comparison.png": comparison_picture(result)}, [(export, result.metrics)],
+                  rows, preface=fidelity_table(result)), export
+
+
+def _save_pictures(out: str, pictures: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    from latentforge.generation.outputs import png_bytes, save_grid
+
+    paths = []
+    for name, picture in pictures.items():
+        path = storage.join(out, name)
+        if isinstance(picture, list):
+            save_grid(path, picture, meta)
+        else:
+            storage.atomic_write_bytes(path, png_bytes(picture, meta))
+        paths.append(path)
+    return paths
+
+
+def _log_to_sources(scored: Scored, files: list[str]) -> list[str]:
+    """Each stage's metrics (as eval/NAME) and the files into its training run; the run ids logged into."""
+    from latentforge.tracking import log_artifact_to_run, log_metrics_to_run
+
+    logged = []
+    for export, metrics in scored.sources:
+        if not export.mlflow_run_id:
+            continue
+        step = export.step or 0
+        log_metrics_to_run(export.mlflow_run_id, {f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        for path in files:
+            log_artifact_to_run(export.mlflow_run_id, path, f"eval/step_{step:06d}")
+        logged.append(export.mlflow_run_id)
+    return logged
 
 
 def run(config: EvaluateConfig) -> EvaluateResult:
-    from latentforge.evaluation.clip_score import ClipScorer
     from latentforge.evaluation.eval_set import open_eval_set
-    from latentforge.evaluation.fid import InceptionFeatures
-    from latentforge.evaluation.scoring import score_sampler
     from latentforge.generation.devices import resolve_device, resolve_dtype
-    from latentforge.generation.export import load_export
-    from latentforge.generation.outputs import save_grid
-    from latentforge.generation.sampler import SampleParams
     from latentforge.tracking import StageRun
 
     config.check_required()
     started = time.monotonic()
     eval_set = open_eval_set(config.eval_set)
-    if not config.fid_weights and not config.clip_model:
-        log.warning("neither --fid-weights nor --clip-model is set: only samples are made, no metric")
-    # Metric models first: a wrong weights file fails before any sampling.
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-    inception = InceptionFeatures(config.fid_weights, config.fid_weights_sha256, device=device) \
-        if config.fid_weights else None
-    clip = ClipScorer(config.clip_model, config.clip_weights, device=device) if config.clip_model else None
-    model = load_export(config.model, device=device, dtype=dtype)
-    sampler = model.sampler(device=device, dtype=dtype, text_states=config.text_states)
+    mode = _score_sr if not config.model else _score_cascade if config.upscalers else _score_base
+    scored, model = mode(config, eval_set, device, dtype)
     step = model.step or 0
-    out = config.out or storage.join(model.export_dir, "eval", f"step_{step:06d}")
+    kind = "sr" if mode is _score_sr else "cascade" if mode is _score_cascade else ""
+    out = config.out or storage.join(model.export_dir, "eval", f"{kind + '_' if kind else ''}step_{step:06d}")
     storage.makedirs(out)
-    params = SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
-                          negative_prompt=config.negative_prompt)
     run_name = config.run_name or f"evaluate-{model.mlflow_run_id or os.path.basename(model.export_dir.rstrip('/'))}"
-    tracker = StageRun("evaluate", run_name=run_name, enabled=config.mlflow)
-    with tracker as run_:
+    with StageRun("evaluate", run_name=run_name, enabled=config.mlflow) as run_:
         run_.log_params(config_to_dict(config))
         run_.log_manifest(config.eval_set, eval_set.manifest_sha256, "input", name="eval_set")
         if model.manifest_sha256:
             run_.log_manifest(model.export_dir, model.manifest_sha256, "input", name="model")
-        scored = score_sampler(sampler, eval_set, config.num_samples, params, seed=config.seed,
-                               batch_size=config.batch_size, inception=inception, clip=clip,
-                               cache_dir=config.cache_dir)
-        grid = storage.join(out, "grid.png")
-        save_grid(grid, scored.preview, {"eval_set": config.eval_set, "step": step})
+        files = _save_pictures(out, scored.pictures, {"eval_set": config.eval_set, "step": step})
         seconds = time.monotonic() - started
         info = {**scored.info, "model": model.export_dir, "step": step, "source_run_id": model.mlflow_run_id,
                 "seconds": seconds}
-        storage.atomic_write_json(storage.join(out, "metrics.json"), {"metrics": scored.metrics, "info": info})
+        files.append(storage.join(out, "metrics.json"))
+        storage.atomic_write_json(files[-1], {"metrics": scored.metrics, "info": info})
         run_.log_metrics(scored.metrics, step=step)
         run_.set_tags({k: v for k, v in info.items() if k.startswith(("fid_", "clip_")) and v is not None})
-        run_.log_artifact(grid)
-        run_.log_artifact(storage.join(out, "metrics.json"))
-        logged_to = None
-        if config.mlflow and config.log_to_source_run and model.mlflow_run_id:
-            named = {f"eval/{k}": v for k, v in scored.metrics.items()}
-            _log_to_source(model.mlflow_run_id, named, step, [grid, storage.join(out, "metrics.json")],
-                           f"eval/step_{step:06d}")
-            logged_to = model.mlflow_run_id
-        rows: list[tuple[str, Any]] = [("model", model.export_dir), ("step", step), ("eval set", config.eval_set),
-                                       ("samples (N)", int(scored.metrics["num_samples"]))]
-        if "fid" in scored.metrics:
-            rows += [("FID", f"{scored.metrics['fid']:.4f} (N={int(scored.metrics['fid_num_samples'])})"),
-                     ("FID weights sha256", info.get("fid_weights_sha256")), ("FID reference", info.get("fid_reference")),
-                     ("FID resize", info.get("fid_resize"))]
-        if "clip_score" in scored.metrics:
-            rows += [("CLIP score", f"{scored.metrics['clip_score']:.4f}"), ("CLIP model", info.get("clip_model")),
-                     ("CLIP formula", info.get("clip_score_formula"))]
-        rows += [("logged into run", logged_to or "-"), ("output", out), ("seconds", f"{seconds:.1f}")]
+        for path in files:
+            run_.log_artifact(path)
+        logged_to = _log_to_sources(scored, files) if config.mlflow and config.log_to_source_run else []
+        rows = [("model", model.export_dir), ("step", step), ("eval set", config.eval_set), *scored.rows,
+                ("logged into run", ", ".join(logged_to) or "-"), ("output", out), ("seconds", f"{seconds:.1f}")]
+        table = reporting.summary_table("evaluate", rows)
         result = EvaluateResult(scored.metrics, info, out, model.mlflow_run_id, getattr(run_, "run_id", None),
-                                summary=reporting.summary_table("evaluate", rows))
+                                summary=f"{scored.preface}\n\n{table}" if scored.preface else table)
     return result

@@ -13,17 +13,25 @@ from latentforge.tracking import TrackingOptions
 
 @dataclass
 class EvaluateConfig(TrackingOptions):
-    """Score a trained model on an eval set: FID and CLIP score, logged into the training run."""
+    """Score a trained model on an eval set: FID and CLIP score (per stage for a cascade), or an upscaler's
+    PSNR / SSIM against bicubic on held-out pairs; logged into the training run(s)."""
 
     model: str = ""
     """Export dir, a training run dir holding export/, an MLflow run id, a diffusers folder made by
     jobs/export_model.py, or models:/NAME/VERSION (all lead to the same train export)."""
+    upscaler: str = ""
+    """Super-resolution export(s), a comma list: with --model the cascade's FID / CLIP score at every stage's
+    resolution; alone (one export) its SR fidelity on --eval-set's held-out images against bicubic."""
     eval_set: str = ""
-    """Latent shards with captions (precompute output) or image shards (ingest output)."""
+    """Latent shards with captions (precompute output) or image shards (ingest output); for SR fidelity the
+    held-out high-res images: precompute output made with --store-pixels at the upscaler's resolution, or
+    ingest shards."""
     out: str | None = None
     """Where the sample grid and metrics.json go (default: <export>/eval/step_XXXXXX)."""
     num_samples: int = 256
-    """Captions sampled (first N of the eval set, one image each) = N of the FID."""
+    """Captions sampled (first N of the eval set, one image each) = N of the FID; SR fidelity: held-out pairs."""
+    noise_level: int = 20
+    """Upscalers: noise-augmentation level of the low-res input, within the stage's trained range."""
     sampler: str = "ddim"
     """ddpm | ddim | dpmsolver++ | euler."""
     steps: int = 50
@@ -61,6 +69,8 @@ class EvaluateConfig(TrackingOptions):
         self.sampler = canonical_sampler(self.sampler)
         if self.num_samples < 2:
             raise ValueError("num_samples must be >= 2")
+        if self.noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
         if self.text_states not in ("auto", *TEXT_STATE_MODES):
@@ -68,7 +78,15 @@ class EvaluateConfig(TrackingOptions):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}")
 
+    @property
+    def upscalers(self) -> list[str]:
+        return [u.strip() for u in self.upscaler.split(",") if u.strip()]
+
     def check_required(self) -> None:
-        missing = [f"--{n.replace('_', '-')}" for n in ("model", "eval_set") if not getattr(self, n)]
+        missing = [] if self.model or self.upscalers else ["--model (or --upscaler)"]
+        missing += ["--eval-set"] if not self.eval_set else []
         if missing:
             raise ValueError(f"missing required option(s): {', '.join(missing)}")
+        if not self.model and len(self.upscalers) > 1:
+            raise ValueError("SR fidelity (--upscaler without --model) scores one upscaler at a time; "
+                             "a chain of upscalers needs --model (per-stage FID / CLIP score)")
