@@ -56,7 +56,9 @@ class EvalSet:
     def reference_kind(self) -> str:
         if self.pixels_size:
             return "stored pixels (PIL bicubic resize)"
-        return "vae-decoded latents" if self.kind == "latents" else "ingested images (resize shorter side + centre crop)"
+        if self.kind == "latents":
+            return "vae-decoded latents"
+        return "ingested images (resize shorter side + centre crop)"
 
 
 def open_eval_set(uri: str) -> EvalSet:

@@ -75,7 +75,8 @@ def _fid(inception: InceptionFeatures, gen_stats: FeatureStats, eval_set: EvalSe
                "resolution": size, "reference": eval_set.reference_kind}
 
     def compute() -> FeatureStats:
-        return inception.accumulate(to_uint8(batch) for batch in real_image_batches(eval_set, samples, size, batch_size))
+        batches = real_image_batches(eval_set, samples, size, batch_size)
+        return inception.accumulate(to_uint8(batch) for batch in batches)
 
     ref, path, hit = cached_reference_stats(cache_dir or default_cache_dir(), content, compute)
     fid = fid_from_stats(gen_stats, ref)

@@ -50,7 +50,7 @@ class SrFidelity:
 
 
 def held_out_images(eval_set: EvalSet, resolution: int, limit: int) -> HeldOut:
-    """The first `limit` samples' real images at the upscaler's `resolution`; ConfigError when they are not that size."""
+    """The first `limit` samples' real images at the upscaler's `resolution`; ConfigError when they cannot be."""
     if eval_set.kind == "latents" and not eval_set.pixels_size:
         raise ConfigError(f"{eval_set.uri} holds latents without pixels: SR fidelity needs the real high-res images "
                           "(precompute with --store-pixels, or pass ingest shards)")
