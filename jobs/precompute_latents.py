@@ -24,6 +24,11 @@ from latentforge.precompute.config import PrecomputeConfig
 
 
 def main(argv: list[str] | None = None) -> int:
+    flags = {arg.split("=", 1)[0] for arg in (sys.argv[1:] if argv is None else argv)}
+    if {"--resolution", "--resolutions"} <= flags:  # a preset's resolution is simply replaced by --resolutions
+        print("precompute: --resolution and --resolutions exclude each other: give one size or the list",
+              file=sys.stderr)
+        return 2
     try:
         config = parse_config(PrecomputeConfig, argv, preset_dir=_bootstrap.PRESETS / "precompute")
     except SystemExit as exc:  # argparse usage errors (2) and --print-config / --help (0)

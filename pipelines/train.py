@@ -56,6 +56,7 @@ class TrainResult:
 
 def check_data(config: TrainConfig, manifest: Manifest) -> dict[str, Any]:
     """The UNet config, checked against the latents before any worker starts."""
+    tdata.require_one_dataset(config.data, manifest)
     vae = manifest.models.get("vae") or {}
     text = manifest.models.get("text_encoder") or {}
     shape = manifest.extra.get("latent_shape")

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from latentforge import storage
 from latentforge.conditioning.spec import ConditionColumn, parse_condition_columns
 from latentforge.config import ConfigError
 from latentforge.models.vae import VAE_TYPES
 from latentforge.tracking import TrackingOptions
+
+def resolution_dir(resolution: int) -> str:
+    """Sub-directory of one resolution's dataset in a --resolutions output."""
+    return f"{resolution}px"
+
+
+def column_name(name: str, resolution: int, multi: bool) -> str:
+    """A row column of one resolution: `image`, `meta`, `latent` in a single-resolution run (the columns
+    other code builds rows with), `image_16`, `meta_16`, `latent_16`, ... with --resolutions."""
+    return f"{name}_{resolution}" if multi else name
+
 
 # Settings that decide the bytes of the output: a rerun into the same output must use the same.
 ENCODER_SETTINGS = (
@@ -45,6 +57,10 @@ class PrecomputeConfig(TrackingOptions):
     what diffusers' StableDiffusionPipeline feeds, so the model exports to it; docs/export.md)."""
     resolution: int = 256
     """Training resolution: images are resized (shorter side) and cropped to resolution x resolution."""
+    resolutions: list[int] = field(default_factory=list)
+    """Several training resolutions from ONE pass over the input (comma list, e.g. 16,32; replaces --resolution):
+    each image is decoded and each caption encoded once, and each resolution gets an ordinary dataset in
+    OUTPUT/<R>px/ plus a parent OUTPUT/manifest.json listing them (docs/precompute.md "Several resolutions")."""
     resize_filter: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"
     """PIL resampling filter for the resize."""
     crop: Literal["center", "random"] = "center"
@@ -76,7 +92,8 @@ class PrecomputeConfig(TrackingOptions):
     label:class,score:scalar; the manifest records each one's labels or range (docs/conditioning.md)."""
     store_pixels: bool = False
     """Also store each preprocessed image (uint8 R x R x 3, `{key}.pixels.npy`): the super-resolution stage
-    makes its low-res inputs from them (docs/super_resolution.md)."""
+    makes its low-res inputs from them (docs/super_resolution.md). With --resolutions: every resolution above the
+    lowest (the lowest only feeds the base model)."""
     fidelity_samples: int = 16
     """Items re-encoded in fp32 after the run and compared with the stored arrays (0 = off)."""
     fidelity_tolerance: float = 0.0
@@ -110,6 +127,7 @@ class PrecomputeConfig(TrackingOptions):
         for name in ("resolution", "batch_size", "read_batch_size", "patch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        self._check_resolutions()
         if self.concurrency < 0 or self.fidelity_samples < 0 or self.max_shards < 0:
             raise ConfigError("concurrency, fidelity_samples and max_shards must be >= 0")
         if self.read_retries < 0 or self.read_backoff_s < 0:
@@ -118,6 +136,32 @@ class PrecomputeConfig(TrackingOptions):
             raise ConfigError("fidelity_tolerance must be >= 0")
         if self.num_gpus_per_actor <= 0 or self.num_cpus_per_actor < 0:
             raise ConfigError("num_gpus_per_actor must be > 0 and num_cpus_per_actor >= 0 (0 = auto)")
+
+    def _check_resolutions(self) -> None:
+        if not self.resolutions:
+            return
+        if min(self.resolutions) < 1 or len(set(self.resolutions)) < 2:
+            raise ConfigError(f"resolutions {self.resolutions}: give two or more distinct sizes >= 1 "
+                              "(one resolution: --resolution)")
+        self.resolutions = sorted(set(self.resolutions))
+        self.resolution = self.resolutions[0]  # the base's size: what a reader sizes its buffers from
+
+    @property
+    def sizes(self) -> list[int]:
+        """The resolutions this run writes: --resolutions, else the one --resolution."""
+        return self.resolutions or [self.resolution]
+
+    def stores_pixels_at(self, resolution: int) -> bool:
+        """--store-pixels with --resolutions stores every size above the lowest: the lowest only feeds the base."""
+        return self.store_pixels and (not self.resolutions or resolution > self.resolutions[0])
+
+    def column(self, name: str, resolution: int) -> str:
+        return column_name(name, resolution, bool(self.resolutions))
+
+    def at_resolution(self, resolution: int) -> "PrecomputeConfig":
+        """The single-resolution config of one --resolutions dataset: its size, sub-dir and pixels."""
+        return replace(self, resolution=resolution, resolutions=[], store_pixels=self.stores_pixels_at(resolution),
+                       output=storage.join(self.output, resolution_dir(resolution)))
 
     def require_paths(self) -> None:
         if not self.input or not self.output:

@@ -52,12 +52,22 @@ class PrecomputeEncoder:
         self.vae: LatentVAE = load_vae(vae_spec(config), self.device, self.compute_dtype)
         self.text: TextEncoder = load_text_encoder(config.text_encoder, config.text_encoder_weights,
                                                    config.text_layer, self.device, self.compute_dtype)
-        side = config.resolution // self.vae.downsample
-        self.latent_shape = (self.vae.latent_channels, side, side)
+        self.latent_shape = self.latent_shape_at(config.resolution)
+        # image column -> latent column, per resolution: one pair today, one per size with --resolutions
+        self.columns = {config.column("image", r): (config.column("latent", r), r) for r in config.sizes}
+        self.pixel_columns = {config.column("image", r) for r in config.sizes if config.stores_pixels_at(r)}
+
+    def latent_shape_at(self, resolution: int) -> tuple[int, int, int]:
+        side = resolution // self.vae.downsample
+        return (self.vae.latent_channels, side, side)
+
+    def stored_shape_at(self, resolution: int) -> tuple[int, ...]:
+        shape = self.latent_shape_at(resolution)
+        return (2, *shape) if self.config.latent == "mean_std" else shape
 
     @property
     def stored_latent_shape(self) -> tuple[int, ...]:
-        return (2, *self.latent_shape) if self.config.latent == "mean_std" else self.latent_shape
+        return self.stored_shape_at(self.config.resolution)
 
     def latents(self, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
         """Scaled latents (B, C, h, w) or (B, 2, C, h, w) in float32, per ``config.latent``."""
@@ -71,13 +81,19 @@ class PrecomputeEncoder:
         # mean_std: z = mean' + std' * eps with mean' = (mean - shift) * scale, std' = std * scale
         return torch.stack([self.vae.scale(mean), std * self.vae.scaling_factor], dim=1)
 
+    def image_latents(self, images: np.ndarray, keys: list[str]) -> torch.Tensor:
+        """Latents of uint8 images (B, R, R, 3), float32 on CPU."""
+        return self.latents(to_pixels(images).to(self.device), keys).float().cpu()
+
+    def text_arrays(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text states (B, ctx, D), stored lengths, pooled), float32 on CPU."""
+        states, lengths, pooled = self.text.encode(captions)
+        return states.float().cpu(), self.stored_lengths(lengths).cpu(), pooled.float().cpu()
+
     def encode_arrays(self, images: np.ndarray, captions: list[str], keys: list[str]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents, text states (B, ctx, D), lengths, pooled), float32 on CPU."""
-        pixels = to_pixels(images).to(self.device)
-        latents = self.latents(pixels, keys)
-        states, lengths, pooled = self.text.encode(captions)
-        return latents.float().cpu(), states.float().cpu(), self.stored_lengths(lengths).cpu(), pooled.float().cpu()
+        return (self.image_latents(images, keys), *self.text_arrays(captions))
 
     def stored_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """States stored per caption: its real tokens, or all context_length for text_states=full."""
@@ -86,40 +102,48 @@ class PrecomputeEncoder:
         return lengths
 
     def encode_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Rows with status ``ok`` get ``latent``, ``text``, ``text_length``, ``pooled``; others zeros.
+        """Rows with status ``ok`` get ``latent`` (one ``latent_R`` per size with --resolutions), ``text``,
+        ``text_length``, ``pooled``; others zeros. Each caption is encoded once, whatever the sizes.
 
         A row whose stored arrays are not finite (after the cast to the storage dtype, so fp16
-        overflow counts too) is marked ``nonfinite_latent`` / ``nonfinite_text`` and left out.
+        overflow counts too) is marked ``nonfinite_latent`` / ``nonfinite_text`` and left out, at every size.
         """
         status = np.array(batch["status"], dtype=object)
         n = len(status)
-        dtype = self.config.dtype
         ok = np.flatnonzero(status == STATUS_OK)
-        probe = tensor_to_storage(torch.zeros(1), dtype).dtype
-        latent_out = np.zeros((n, *self.stored_latent_shape), dtype=probe)
-        text_out = np.zeros((n, self.text.context_length, self.text.width), dtype=probe)
-        pooled_out = np.zeros((n, self.text.pooled_dim), dtype=probe)
-        length_out = np.zeros((n,), dtype=np.int64)
+        storage_dtype = tensor_to_storage(torch.zeros(1), self.config.dtype).dtype
+        outputs = {latent: np.zeros((n, *self.stored_shape_at(r)), dtype=storage_dtype)
+                   for latent, r in self.columns.values()}
+        outputs.update(text=np.zeros((n, self.text.context_length, self.text.width), dtype=storage_dtype),
+                       pooled=np.zeros((n, self.text.pooled_dim), dtype=storage_dtype),
+                       text_length=np.zeros((n,), dtype=np.int64))
         if len(ok):
-            keys = [str(k) for k in batch["key"][ok]]
-            captions = [str(c) for c in batch["caption"][ok]]
-            latents, states, lengths, pooled = self.encode_arrays(np.stack(batch["image"][ok]), captions, keys)
-            cast = torch_dtype(dtype)
-            latent_bad = ~torch.isfinite(latents.to(cast).float()).flatten(1).all(dim=1)
-            text_bad = ~(torch.isfinite(states.to(cast).float()).flatten(1).all(dim=1)
-                         & torch.isfinite(pooled.to(cast).float()).all(dim=1))
-            latent_out[ok] = tensor_to_storage(torch.nan_to_num(latents), dtype)
-            text_out[ok] = tensor_to_storage(torch.nan_to_num(states), dtype)
-            pooled_out[ok] = tensor_to_storage(torch.nan_to_num(pooled), dtype)
-            length_out[ok] = lengths.numpy()
-            for j, row in enumerate(ok):
-                if bool(latent_bad[j]) or bool(text_bad[j]):
-                    status[row] = SKIP_NONFINITE_LATENT if bool(latent_bad[j]) else SKIP_NONFINITE_TEXT
-                    latent_out[row], text_out[row], pooled_out[row], length_out[row] = 0, 0, 0, 0
-        out = {k: v for k, v in batch.items() if k != "image" or self.config.store_pixels}
-        out.update(status=status.astype(str), latent=latent_out, text=text_out, pooled=pooled_out,
-                   text_length=length_out)
+            self._encode_ok(batch, ok, status, outputs)
+        # images travel on to the writer only where it stores them (--store-pixels)
+        out = {k: v for k, v in batch.items() if k not in self.columns or k in self.pixel_columns}
+        out.update(status=status.astype(str), **outputs)
         return out
+
+    def _encode_ok(self, batch: dict[str, np.ndarray], ok: np.ndarray, status: np.ndarray,
+                   outputs: dict[str, np.ndarray]) -> None:
+        keys = [str(k) for k in batch["key"][ok]]
+        cast = torch_dtype(self.config.dtype)
+        latents = {latent: self.image_latents(np.stack(batch[image][ok]), keys)
+                   for image, (latent, _) in self.columns.items()}
+        states, lengths, pooled = self.text_arrays([str(c) for c in batch["caption"][ok]])
+        latent_bad = torch.zeros(len(ok), dtype=torch.bool)
+        for values in latents.values():
+            latent_bad |= ~torch.isfinite(values.to(cast).float()).flatten(1).all(dim=1)
+        text_bad = ~(torch.isfinite(states.to(cast).float()).flatten(1).all(dim=1)
+                     & torch.isfinite(pooled.to(cast).float()).all(dim=1))
+        for name, values in (*latents.items(), ("text", states), ("pooled", pooled)):
+            outputs[name][ok] = tensor_to_storage(torch.nan_to_num(values), self.config.dtype)
+        outputs["text_length"][ok] = lengths.numpy()
+        for j, row in enumerate(ok):
+            if bool(latent_bad[j]) or bool(text_bad[j]):
+                status[row] = SKIP_NONFINITE_LATENT if bool(latent_bad[j]) else SKIP_NONFINITE_TEXT
+                for name in outputs:
+                    outputs[name][row] = 0
 
     def empty_caption(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(text (L, D), pooled (D,), L) of the empty caption, in the storage dtype."""

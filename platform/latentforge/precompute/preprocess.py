@@ -90,18 +90,20 @@ def crop_offset(size: tuple[int, int], resolution: int, crop: str, seed: int, ke
     return int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
 
 
-def preprocess_image(data: bytes, resolution: int, resize_filter: str = "bicubic", crop: str = "center",
-                     seed: int = 0, key: str = "") -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode, resize (shorter side) and crop: (uint8 array (R, R, 3), geometry record).
-
-    Raises on undecodable bytes (the caller counts the sample as skipped).
-    """
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode stored image bytes to RGB; raises on undecodable or empty images."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         rgb = image.convert("RGB")
-    w, h = rgb.size
-    if min(w, h) < 1:
+    if min(rgb.size) < 1:
         raise ValueError("empty image")
+    return rgb
+
+
+def resize_crop(rgb: Image.Image, resolution: int, resize_filter: str = "bicubic", crop: str = "center",
+                seed: int = 0, key: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+    """Resize (shorter side) and crop a decoded image: (uint8 array (R, R, 3), geometry record)."""
+    w, h = rgb.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     if (new_w, new_h) != (w, h):
@@ -110,6 +112,15 @@ def preprocess_image(data: bytes, resolution: int, resize_filter: str = "bicubic
     rgb = rgb.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(rgb, dtype=np.uint8)
     return array, {"decoded_size": [h, w], "crop_top_left": [top, left], "target_size": [resolution, resolution]}
+
+
+def preprocess_image(data: bytes, resolution: int, resize_filter: str = "bicubic", crop: str = "center",
+                     seed: int = 0, key: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode, resize (shorter side) and crop: (uint8 array (R, R, 3), geometry record).
+
+    Raises on undecodable bytes (the caller counts the sample as skipped).
+    """
+    return resize_crop(decode_rgb(data), resolution, resize_filter, crop, seed, key)
 
 
 def original_size(meta: dict[str, Any], decoded_size: list[int]) -> list[int]:
@@ -126,21 +137,36 @@ def original_size(meta: dict[str, Any], decoded_size: list[int]) -> list[int]:
 def preprocess_sample(sample: IngestSample, resolution: int, resize_filter: str, crop: str, seed: int,
                       keep_empty_captions: bool, conditions: tuple = ()) -> tuple[str, np.ndarray | None, dict[str, Any]]:
     """(status, uint8 image or None, json record without text_length) for one ingest sample."""
+    status, images, records = preprocess_resolutions(sample, (resolution,), resize_filter, crop, seed,
+                                                     keep_empty_captions, conditions)
+    return status, images.get(resolution), records[resolution]
+
+
+def preprocess_resolutions(sample: IngestSample, resolutions: tuple[int, ...], resize_filter: str, crop: str,
+                           seed: int, keep_empty_captions: bool, conditions: tuple = ()
+                           ) -> tuple[str, dict[int, np.ndarray], dict[int, dict[str, Any]]]:
+    """(status, {resolution: uint8 image} (empty unless ok), {resolution: json record}) for one ingest sample.
+
+    The image is decoded once for all resolutions, so a sample is ok or skipped (same reason) in every one.
+    """
     caption = sample.caption
     record: dict[str, Any] = {"key": sample.key, "caption": caption}
+    skipped = {r: record for r in resolutions}
     if not caption.strip() and not keep_empty_captions:
-        return SKIP_EMPTY_CAPTION, None, record
+        return SKIP_EMPTY_CAPTION, {}, skipped
     if conditions:  # the kept metadata columns (latentforge.conditioning.values)
         record["conditions"] = sample_conditions(sample.meta, conditions)
         if record["conditions"] is None:
-            return SKIP_MISSING_CONDITION, None, record
+            return SKIP_MISSING_CONDITION, {}, skipped
     data = sample.image_bytes
     if data is None:
-        return SKIP_MISSING_IMAGE, None, record
+        return SKIP_MISSING_IMAGE, {}, skipped
     try:
-        image, geometry = preprocess_image(data, resolution, resize_filter, crop, seed, sample.key)
+        rgb = decode_rgb(data)
+        resized = {r: resize_crop(rgb, r, resize_filter, crop, seed, sample.key) for r in resolutions}
     except Exception:  # noqa: BLE001 - any decode failure is one skipped sample, never a failed block
-        return SKIP_UNDECODABLE, None, record
-    record.update(original_size=original_size(sample.meta, geometry["decoded_size"]),
-                  crop_top_left=geometry["crop_top_left"], target_size=geometry["target_size"])
-    return STATUS_OK, image, record
+        return SKIP_UNDECODABLE, {}, skipped
+    records = {r: {**record, "original_size": original_size(sample.meta, geometry["decoded_size"]),
+                   "crop_top_left": geometry["crop_top_left"], "target_size": geometry["target_size"]}
+               for r, (_, geometry) in resized.items()}
+    return STATUS_OK, {r: image for r, (image, _) in resized.items()}, records

@@ -46,6 +46,10 @@ def plan_run(config: PrecomputeConfig) -> Plan:
     done: dict[str, ShardRecord] = {}
     if storage.exists(storage.join(config.output, "manifest.json")):
         previous = read_manifest(config.output, stage="precompute")
+        if is_parent(previous):
+            raise ManifestError(f"{config.output} holds one precompute dataset per resolution "
+                                f"({', '.join(e['dir'] for e in previous.extra['resolutions'])}); use a new "
+                                "output directory, or rerun with its --resolutions")
         require_same(previous.config, config.encoder_settings(), ENCODER_SETTINGS, config.output)
         # Not in ENCODER_SETTINGS: outputs made before the flag existed (no key) hold no pixels and resume.
         require_same({"store_pixels": bool(previous.config.get("store_pixels"))},
@@ -57,6 +61,11 @@ def plan_run(config: PrecomputeConfig) -> Plan:
         done = {r.name: r for r in previous.shards if _still_done(config, r, inputs.get(r.name))}
     pending = [s for s in shards if s.name not in done]
     return Plan(input_manifest, digest, done, pending, previous)
+
+
+def is_parent(manifest: Manifest) -> bool:
+    """Whether a precompute manifest is the parent of a --resolutions run (its datasets are in sub-dirs)."""
+    return bool(manifest.extra.get("resolutions"))
 
 
 def _still_done(config: PrecomputeConfig, record: ShardRecord, input_sha256: str | None) -> bool:
@@ -140,4 +149,4 @@ def save(out_dir: str, manifest: Manifest) -> str:
     return write_manifest(out_dir, manifest)
 
 
-__all__ = ["Plan", "plan_run", "build_manifest", "check_models", "write_empty_caption", "save", "ManifestError"]
+__all__ = ["Plan", "plan_run", "is_parent", "build_manifest", "check_models", "write_empty_caption", "save", "ManifestError"]

@@ -179,6 +179,10 @@ class ShardSink:
         self.keys: dict[str, set[str]] = {}
         self.counts: Counter = Counter()
 
+    def wants(self, shard: str) -> bool:
+        """Whether this sink writes `shard` (a --resolutions run may still need it for another size only)."""
+        return shard in self.inputs
+
     def add(self, row: dict[str, Any]) -> int:
         """Take one row (sample, trailer or padding); returns how many samples it added (0 or 1)."""
         shard, status, key = str(row["shard"]), str(row["status"]), str(row["key"])

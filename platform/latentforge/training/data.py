@@ -104,6 +104,15 @@ class DataPlan:
         return asdict(self)
 
 
+def require_one_dataset(data_dir: str, manifest: Manifest) -> None:
+    """Refuse the parent of a precompute --resolutions run: it lists datasets, it holds none (DataPlanError)."""
+    from latentforge.precompute.resolutions import is_parent, sub_dirs
+
+    if is_parent(manifest):
+        raise DataPlanError(f"{data_dir} holds one precompute dataset per resolution, not one dataset: "
+                            f"train on one of {', '.join(sub_dirs(data_dir, manifest))}")
+
+
 def plan_data(manifest: Manifest, world_size: int, samples_per_step: int, shuffle_buffer: int, seed: int,
               val_samples: int = 0) -> DataPlan:
     plan = DataPlan(shard_names=[s.name for s in manifest.shards], shard_sizes=[int(s.samples) for s in manifest.shards],
