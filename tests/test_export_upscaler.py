@@ -22,19 +22,22 @@ PROMPTS = ["a red circle at the top", "two blue squares!"]
 SEEDS = [3, 11]
 
 
-def build_upscaler_export(root: Path, vae: str = "autoencoder_kl", lowres_factor: int = 2) -> Path:
-    """A tiny random upscaler written by the train stage's `write_export` with its real `extra.upscaler`."""
+def build_upscaler_export(root: Path, vae: str = "autoencoder_kl", lowres_factor: int = 2,
+                          residual_scale: float | None = None) -> Path:
+    """A tiny random upscaler written by the train stage's `write_export` with the `extra.upscaler` its
+    setup records; it samples the latents themselves unless `residual_scale` is given."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from latentforge import storage
     from latentforge.generation.export import read_data_manifest
+    from latentforge.training.config import TrainConfig
     from latentforge.training.export import write_export
     from latentforge.upscaler.conditioning import resolve_upscaler_unet
-    from latentforge.upscaler.degradation import Degradation
-    from latentforge.upscaler.training import UpscalerSetup
+    from latentforge.upscaler.training import upscaler_setup
 
     base = build_tiny_export(root, vae=vae, resolution=RESOLUTION, text_states="full")
     data = read_data_manifest(str(base.dir))
+    data.extra["pixels"] = {"member": "pixels.npy", "size": [RESOLUTION, RESOLUTION]}  # as --store-pixels records
     channels, latent_size = data.extra["latent_shape"][0], data.extra["latent_shape"][1]
     storage.atomic_write_json(str(root / "latents" / "manifest.json"), data.to_dict())
     torch.manual_seed(1)
@@ -42,7 +45,11 @@ def build_upscaler_export(root: Path, vae: str = "autoencoder_kl", lowres_factor
     with torch.no_grad():  # random init leaves the output conv near zero: make every weight matter
         for p in unet.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    record = UpscalerSetup(Degradation(lowres_factor), MAX_NOISE_LEVEL, RESOLUTION, latent_size).record(data)
+    config = TrainConfig(data=str(root / "latents"), stage="upscaler", lowres_factor=lowres_factor,
+                         max_noise_level=MAX_NOISE_LEVEL)
+    record = upscaler_setup(config, data).record(data)
+    record.pop("residual_scale", None)
+    record.update({"residual_scale": residual_scale} if residual_scale else {})
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type="v_prediction")
     export = root / "sr" / "export"
@@ -74,17 +81,18 @@ def lowres_images() -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(a).resize((16, 16), Image.Resampling.BICUBIC)) for a in coarse])
 
 
-def ours(export: Path, images: np.ndarray, level: int) -> np.ndarray:
+def ours(export: Path, images: np.ndarray, levels: tuple[int, ...]) -> list[np.ndarray]:
+    """Our `Upscaler` (what jobs/generate.py --upscaler runs), DDIM, at each noise level."""
     from latentforge.generation.export import load_export
     from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.sampling import Upscaler
 
-    upscaler = Upscaler(load_export(str(export)))
-    out = upscaler.upscale(images, PROMPTS, SEEDS, SampleParams(sampler="ddim", steps=6, guidance=3.0), level)
-    return np.stack([item.to_uint8() for item in out]).astype(np.int16)
+    upscaler, params = Upscaler(load_export(str(export))), SampleParams(sampler="ddim", steps=6, guidance=3.0)
+    return [np.stack([item.to_uint8() for item in upscaler.upscale(images, PROMPTS, SEEDS, params, level)]
+                     ).astype(np.int16) for level in levels]
 
 
-def theirs(folder: Path, images: np.ndarray, level: int) -> np.ndarray:
+def theirs(folder: Path, images: np.ndarray, levels: tuple[int, ...]) -> list[np.ndarray]:
     """The pipeline with our seeds' initial latents and augmentation-noise generators (sampling.Upscaler's)."""
     from diffusers import StableDiffusionUpscalePipeline
     from diffusers.utils.torch_utils import randn_tensor
@@ -94,11 +102,14 @@ def theirs(folder: Path, images: np.ndarray, level: int) -> np.ndarray:
 
     pipe = StableDiffusionUpscalePipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    latents = randn_tensor((2, 4, 16, 16), generator=[torch.Generator().manual_seed(s) for s in SEEDS])
-    augment = [torch.Generator().manual_seed(s ^ AUGMENT_SEED_SALT) for s in SEEDS]
-    result = pipe(PROMPTS, image=[Image.fromarray(a) for a in images], num_inference_steps=6, guidance_scale=3.0,
-                  noise_level=level, generator=augment, latents=latents, output_type="np").images
-    return (result * 255).round().astype(np.int16)
+    out = []
+    for level in levels:
+        latents = randn_tensor((2, 4, 16, 16), generator=[torch.Generator().manual_seed(s) for s in SEEDS])
+        augment = [torch.Generator().manual_seed(s ^ AUGMENT_SEED_SALT) for s in SEEDS]
+        result = pipe(PROMPTS, image=[Image.fromarray(a) for a in images], num_inference_steps=6, guidance_scale=3.0,
+                      noise_level=level, generator=augment, latents=latents, output_type="np").images
+        out.append((result * 255).round().astype(np.int16))
+    return out
 
 
 def test_folder_loads_offline_with_the_upscale_layout(sr_export, sr_folder) -> None:
@@ -116,9 +127,8 @@ def test_folder_loads_offline_with_the_upscale_layout(sr_export, sr_folder) -> N
 
 
 def test_pipeline_upsamples_like_our_upscaler(sr_export, sr_folder) -> None:
-    images = lowres_images()
-    for level in (0, 25):
-        mine, pipeline = ours(sr_export, images, level), theirs(sr_folder, images, level)
+    images, levels = lowres_images(), (0, 25)
+    for level, mine, pipeline in zip(levels, ours(sr_export, images, levels), theirs(sr_folder, images, levels)):
         assert mine.shape == pipeline.shape == (2, RESOLUTION, RESOLUTION, 3)
         assert np.abs(mine - pipeline).max() <= 1, level  # within 1/255 per pixel
     assert np.abs(mine[0] - mine[1]).max() > 3  # inputs, prompts and seeds really differ
@@ -165,6 +175,8 @@ def test_shapes_the_pipeline_cannot_run_are_refused(sr_export, tmp_path) -> None
     factor4 = build_upscaler_export(tmp_path / "factor4", lowres_factor=4)
     refused(factor4, tmp_path / "b", r"takes 8x8 px low-res images beside 16x16 latents \(lowres factor 4 != the "
                                      r"VAE's downsample 2\); fix: train with --lowres-factor 2")
+    residual = build_upscaler_export(tmp_path / "residual", residual_scale=10.0)
+    refused(residual, tmp_path / "c", r"samples the residual over the latent of the bicubic upsample")
     with pytest.raises(ExportRefused, match="single-file export refused: the model is an upscaler"):
         run(ExportConfig(model=str(sr_export), format="single-file", out=str(tmp_path / "m.safetensors")))
 

@@ -67,9 +67,10 @@ def build_pipeline(source: Source, sampler: str = "ddim", encoder: Any = None) -
     return pipe
 
 
-def pipeline_parts(source: Source, sampler: str, encoder: Any = None) -> dict[str, Any]:
+def pipeline_parts(source: Source, sampler: str, encoder: Any = None,
+                   scheduler_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every exported pipeline holds beside its VAE: unet, text_encoder, tokenizer, scheduler
-    (the training noise schedule as ``sampler``)."""
+    (``scheduler_config``, default the training noise schedule, as ``sampler``)."""
     from latentforge.export.clip_convert import to_clip_text_model
     from latentforge.diffusion.schedulers import canonical_sampler, make_scheduler
     from latentforge.models.text_encoder import load_text_encoder_from_manifest
@@ -78,7 +79,8 @@ def pipeline_parts(source: Source, sampler: str, encoder: Any = None) -> dict[st
         raise ExportRefused(f"default sampler {sampler!r}: expected one of {list(PIPELINE_SAMPLERS)}")
     encoder = encoder or load_text_encoder_from_manifest(source.data_manifest)
     return {"unet": source.model.unet, "text_encoder": to_clip_text_model(encoder),
-            "tokenizer": clip_tokenizer(encoder), "scheduler": make_scheduler(sampler, source.model.scheduler_config)}
+            "tokenizer": clip_tokenizer(encoder),
+            "scheduler": make_scheduler(sampler, scheduler_config or source.model.scheduler_config)}
 
 
 def clip_tokenizer(encoder: Any) -> Any:

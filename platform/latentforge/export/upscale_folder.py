@@ -5,10 +5,12 @@
 
 ``StableDiffusionUpscalePipeline.from_pretrained(folder, local_files_only=True)`` loads it with no
 custom code. The pipeline feeds the low-res image, at its own size, beside latents of that same size,
-and the noise level as the UNet's class label; so an upscaler exports only when its shape is that one:
-an AutoencoderKL, low-res size == latent size (``--lowres-factor`` == the VAE's downsample, a multiple
-of it), a UNet with latent channels + 3 inputs and ``num_class_embeds`` for the levels, and text states
-the pipeline's ``CLIPTextModel`` reproduces (as the base folder).
+the noise level as the UNet's class label, and decodes the sampled latents as they are; so an
+upscaler exports only when its shape is that one: an AutoencoderKL, low-res size == latent size
+(``--lowres-factor`` == the VAE's downsample, a multiple of it), a UNet with latent channels + 3
+inputs and ``num_class_embeds`` for the levels, no residual over the bicubic upsample's latent (an
+export recording ``residual_scale``), and text states the pipeline's ``CLIPTextModel`` reproduces.
+Its VAE, text encoder and scheduler config are those of the `Sampler` our `Upscaler` runs.
 
 The VAE scaling factor: the pipeline's constructor resets any ``vae.config.scaling_factor`` other
 than 0.08333 (SD x4's) to 0.08333 (a deprecation path for SD x4 checkpoints), so ours (``s``) would be
@@ -46,6 +48,11 @@ def check_upscale(data_manifest: Manifest, record: dict[str, Any]) -> None:
         raise ExportRefused(f"{REFUSED} decodes with an AutoencoderKL but this upscaler's VAE type is "
                             f"{vae.get('type')!r}; fix: precompute the upscaler's data with an AutoencoderKL")
     check_vae(data_manifest)
+    if record.get("residual_scale"):
+        raise ExportRefused(f"{REFUSED} decodes the sampled latents as they are, but this upscaler samples the "
+                            f"residual over the latent of the bicubic upsample (residual_scale "
+                            f"{record['residual_scale']}), which the pipeline cannot add back; fix: upsample with "
+                            "jobs/generate.py --upscaler")
     check_sizes(record, int(vae["downsample"]))
     check_text_encoder(data_manifest)
     check_text_states(data_manifest, "diffusers")
@@ -96,19 +103,28 @@ def pipeline_vae(model: Any, scaling_factor: float) -> Any:
     return vae
 
 
-def build_upscale_pipeline(source: Source, sampler: str = "ddim", encoder: Any = None) -> Any:
-    """The in-memory ``StableDiffusionUpscalePipeline`` (float32, CPU) for the upscaler ``source``."""
+def our_sampler(source: Source) -> Any:
+    """The `Sampler` jobs/generate.py --upscaler runs on ``source``: the folder takes its VAE, text
+    encoder and scheduler config (with whatever step spacing sampling sets), so both worlds step alike."""
+    from latentforge.upscaler.sampling import Upscaler
+
+    return Upscaler(source.model).sampler
+
+
+def build_upscale_pipeline(source: Source, sampler: str = "ddim", ours: Any = None) -> Any:
+    """The in-memory ``StableDiffusionUpscalePipeline`` (float32, CPU) for the upscaler ``source``
+    (``ours``: its `our_sampler`, made when None)."""
     from diffusers import StableDiffusionUpscalePipeline
 
-    from latentforge.models.vae import load_vae_from_manifest
     from latentforge.upscaler.conditioning import make_low_res_scheduler
 
     record = source.upscaler or {}
     check_upscale(source.data_manifest, record)
     check_unet(source.model.unet.config, record)
-    vae = load_vae_from_manifest(source.data_manifest)
+    ours = ours or our_sampler(source)
     pipe = StableDiffusionUpscalePipeline(
-        vae=pipeline_vae(vae.model, vae.scaling_factor), **pipeline_parts(source, sampler, encoder),
+        vae=pipeline_vae(ours.vae.model, ours.vae.scaling_factor),
+        **pipeline_parts(source, sampler, ours.text_encoder, ours.scheduler_config),
         low_res_scheduler=make_low_res_scheduler(record.get("low_res_scheduler")),
         max_noise_level=int(record["noise_level_range"][1]))
     pipe.set_progress_bar_config(disable=True)
@@ -117,13 +133,11 @@ def build_upscale_pipeline(source: Source, sampler: str = "ddim", encoder: Any =
 
 def write_upscale_folder(source: Source, out: str, sampler: str = "ddim") -> Path:
     """Write ``out`` atomically (temp folder, manifest last, rename); returns its path."""
-    from latentforge.models.text_encoder import load_text_encoder_from_manifest
-
     check_out(out, source.digest, folder_source_digest)
     check_upscale(source.data_manifest, source.upscaler or {})
-    encoder = load_text_encoder_from_manifest(source.data_manifest)
-    pipe = build_upscale_pipeline(source, sampler, encoder)
+    ours = our_sampler(source)
+    pipe = build_upscale_pipeline(source, sampler, ours)
     manifest = export_manifest(source, "diffusers", sampler=sampler, pipeline=UPSCALE_PIPELINE)
     manifest.extra.update(upscaler=source.upscaler, pipeline_vae_scaling_factor=PIPELINE_SCALING_FACTOR,
                           vae_scaling_factor=float(source.data_manifest.models["vae"]["scaling_factor"]))
-    return save_pipeline_folder(pipe, encoder, out, manifest)
+    return save_pipeline_folder(pipe, ours.text_encoder, out, manifest)
