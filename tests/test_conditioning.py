@@ -180,7 +180,8 @@ def test_unet_takes_the_labels_and_the_null_id_means_unconditional() -> None:
         for p in unet.class_embedding.parameters():
             p.add_(0.5 * torch.randn_like(p))  # make the embedding matter before any training
     text = _EmptyText()
-    sampler = Sampler(unet, load_vae(VaeSpec(type="patchify", id="", patch_size=2)), text, {"num_train_timesteps": 1000}, conditions=conditions)
+    vae = load_vae(VaeSpec(type="patchify", id="", patch_size=2))
+    sampler = Sampler(unet, vae, text, {"num_train_timesteps": 1000}, conditions=conditions)
 
     def sample(guidance: float, values: dict) -> torch.Tensor:
         params = SampleParams(steps=4, guidance=guidance, conditions=values)

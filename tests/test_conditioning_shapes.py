@@ -16,7 +16,6 @@ from itertools import count
 from pathlib import Path
 
 import pytest
-import torch
 
 from latentforge.conditioning.embedding import with_conditions
 from latentforge.conditioning.spec import ConditionSet
@@ -82,7 +81,8 @@ def test_the_class_steers_the_shape_and_the_null_id_does_not(tmp_path) -> None:
         fidelity_samples=0, condition=["shape:class"]))
     conditions = ConditionSet.from_manifest(manifest)
     trainer = train(tmp_path / "lat", manifest, conditions)
-    sampler = Sampler(trainer.export_model(), load_vae_from_manifest(manifest), load_text_encoder_from_manifest(manifest),
+    text_encoder = load_text_encoder_from_manifest(manifest)
+    sampler = Sampler(trainer.export_model(), load_vae_from_manifest(manifest), text_encoder,
                       trainer.noise_scheduler.config, conditions=conditions)
     labels = conditions.specs[0].labels
     drawn = {label: drawn_shapes(sampler, {"shape": label}) for label in labels}
