@@ -4,22 +4,26 @@
     python jobs/demo.py --preset smoke        # a tiny run (tests)
     python jobs/demo.py --vae-type patchify   # the weight-free pixel_unshuffle VAE instead of training one
     python jobs/demo.py --vae-type autoencoder_kl --vae stabilityai/sd-vae-ft-mse \
-        --text-encoder ViT-B-32 --text-encoder-weights laion2b_s34b_b79k --resolution 64   # real models
+        --text-encoder ViT-B-32 --text-encoder-weights laion2b_s34b_b79k --resolution 64 \
+        --upscale-to 128 --image-size 128   # real models
 
 1. builds captioned scenes ("a red circle on the left", ...) and serves them from a loopback
-   HTTP server, with a few broken URLs mixed in;
-2. runs ingest -> train_autoencoder -> precompute -> train (+ its diffusers export) -> generate
+   HTTP server, with a few broken URLs mixed in, and a held-out set of other scenes;
+2. runs ingest -> train_autoencoder -> precompute (16 and 32 px in one pass) -> train (the base,
+   + its diffusers export) -> train --stage upscaler (16 -> 32 px) -> generate (base, and the
+   base -> upscaler cascade) -> evaluate (the upscaler against bicubic on the held-out scenes)
    through the same `main(argv)` entry points a user submits with `ray job submit`, all on one
    embedded Ray, all runs grouped under one MLflow pipeline run (LATENTFORGE_PIPELINE_RUN_ID);
    the autoencoder of an earlier run on the same scenes and settings is reused;
 3. measures prompt adherence (does the requested colour dominate, and sit where the caption
-   says?) of the trained model against the same architecture at initialisation (step 0), and
-   prints where everything is, the autoencoder's held-out PSNR and the line that loads the
-   model in diffusers.
+   says?) of the untrained model, the trained base and the cascade at the final resolution, and
+   prints where everything is, the autoencoder's held-out PSNR, the upscaler's PSNR gain over
+   bicubic and the line that loads the model in diffusers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -40,7 +44,7 @@ except ImportError:  # imported as jobs.demo (tests)
 import pipelines  # noqa: F401  (platform/ on sys.path when latentforge is not installed)
 from latentforge.config import ConfigError, config_to_dict, parse_config
 from latentforge.demo.config import DemoConfig
-from latentforge.demo.commands import autoencoder_settings, generate_argv, stage_argv
+from latentforge.demo.commands import autoencoder_settings, generate_argv, job_of, sr_fidelity_argv, stage_argv
 from latentforge.demo.report import summary_text
 from latentforge.demo.report import DemoPaths as Paths
 
@@ -79,10 +83,10 @@ def load_job(name: str) -> Callable[[list[str]], int]:
 
 
 def run_stage(name: str, argv: list[str], timings: dict[str, float]) -> None:
-    print(f"\n=== {name}: python jobs/{name}.py {' '.join(argv)}", flush=True)
+    print(f"\n=== {name}: python jobs/{job_of(name)}.py {' '.join(argv)}", flush=True)
     started = time.monotonic()
     try:
-        code = load_job(name)(argv)
+        code = load_job(job_of(name))(argv)
     except SystemExit as exc:  # a job's argparse error (2) or an explicit sys.exit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     timings[name] = timings.get(name, 0.0) + time.monotonic() - started
@@ -97,6 +101,8 @@ def prepare_data(config: DemoConfig, paths: Paths) -> list[Any]:
 
     started = time.monotonic()
     scenes = build_scene_set(paths.scenes, rows=config.rows, seed=config.seed, image_size=config.image_size)
+    if config.upscale_to:  # another seed: scenes the models never train on
+        build_scene_set(paths.heldout_scenes, rows=config.heldout, seed=config.seed + 1, image_size=config.image_size)
     print(f"demo: {len(scenes)} scenes in {paths.scenes} ({time.monotonic() - started:.1f} s)", flush=True)
     return scenes
 
@@ -181,24 +187,35 @@ def demo_paths(config: DemoConfig) -> Paths:
     """The demo's directory, emptied of earlier stage outputs when `fresh` is set."""
     paths = Paths(config.out)
     if config.fresh:
-        for stale in (paths.shards, paths.latents, paths.checkpoints, paths.samples):
+        for stale in (paths.shards, paths.heldout_shards, paths.latents, paths.checkpoints, paths.samples,
+                      paths.sr_fidelity):
             shutil.rmtree(stale, ignore_errors=True)
     paths.root.mkdir(parents=True, exist_ok=True)
     return paths
 
 
-def sample_and_score(config: DemoConfig, paths: Paths, pipeline: Any, models: dict[str, Path],
+def sample_and_score(config: DemoConfig, paths: Paths, pipeline: Any, models: dict[str, tuple[Path, Path | None]],
                      timings: dict[str, float]) -> dict[str, Any]:
-    """Generate the eval prompts with each model; log its adherence and grid to the pipeline run."""
+    """Generate the eval prompts with each (model, upscaler or None); log adherence and grid to the pipeline run."""
     adherence = {}
-    for name, model in models.items():
+    for name, (model, upscaler) in models.items():
         out = paths.samples / name
-        run_stage("generate", generate_argv(config, str(model), paths.prompts, out, f"demo-generate-{name}"), timings)
+        argv = generate_argv(config, str(model), paths.prompts, out, f"demo-generate-{name}",
+                             str(upscaler) if upscaler else None)
+        run_stage("generate", argv, timings)
         adherence[name] = measure_adherence(out)
         pipeline.stage_run.log_metrics(adherence[name].as_metrics(f"adherence_{name}"))
         if (out / "grid.png").exists():
             pipeline.stage_run.log_artifact(str(out / "grid.png"), f"samples/{name}")
     return adherence
+
+
+def measure_sr_fidelity(config: DemoConfig, paths: Paths, timings: dict[str, float]) -> dict[str, Any]:
+    """The upscaler against bicubic on the held-out scenes, through the evaluate job (its metrics.json)."""
+    upscaler = str(paths.upscaler_export)
+    run_stage("evaluate", sr_fidelity_argv(config, paths, upscaler), timings)
+    metrics = json.loads((paths.sr_fidelity / "metrics.json").read_text())
+    return {"export": upscaler, "metrics": metrics.get("metrics", metrics), "out": str(paths.sr_fidelity)}
 
 
 def chart_in_training_run(train_run: str, export: Path, adherence: dict[str, Any], config: DemoConfig,
@@ -226,11 +243,48 @@ def run_stages(config: DemoConfig, paths: Paths, clip_weights: str | None,
     return autoencoder
 
 
+def serve_url_lists(stack: contextlib.ExitStack, config: DemoConfig, paths: Paths, scenes: list[Any]) -> int:
+    """Serve the scenes (and the held-out scenes) on loopback and write the ingest URL lists; broken URLs."""
+    from latentforge.demo.scenes import load_scenes
+    from latentforge.demo.server import DemoImageServer, url_rows, write_url_list
+
+    server = stack.enter_context(DemoImageServer(paths.scenes))
+    rows = url_rows(server, scenes, config.broken_every)
+    write_url_list(rows, paths.urls)
+    broken = sum("/broken/" in r["url"] for r in rows)
+    print(f"demo: serving {len(rows)} URLs ({broken} broken) from {server.base_url}", flush=True)
+    if config.upscale_to:
+        heldout = stack.enter_context(DemoImageServer(paths.heldout_scenes))
+        write_url_list(url_rows(heldout, load_scenes(paths.heldout_scenes), 0), paths.heldout_urls)
+    return broken
+
+
+def run_pipeline(config: DemoConfig, paths: Paths, pipeline: Any, clip_weights: str | None,
+                 timings: dict[str, float]) -> dict[str, Any]:
+    """Every stage, the adherence samples (untrained, trained, cascade) and the upscaler's held-out PSNR."""
+    from latentforge.demo.untrained import write_untrained_export
+
+    autoencoder = run_stages(config, paths, clip_weights, timings)
+    export = find_export(paths)
+    untrained = write_untrained_export(export, paths.checkpoints / "untrained" / "export", config.unet_preset,
+                                       config.seed)
+    models = {"untrained": (untrained, None), "trained": (export, None)}
+    if config.upscale_to:
+        models["cascade"] = (export, paths.upscaler_export)
+    adherence = sample_and_score(config, paths, pipeline, models, timings)
+    train_run = training_run_id(export)
+    if train_run:
+        chart_in_training_run(train_run, export, adherence, config, paths)
+    return {"training_run_id": train_run, "autoencoder": autoencoder, "export": str(export),
+            "diffusers": str(paths.diffusers) if (paths.diffusers / "model_index.json").is_file() else None,
+            "untrained_export": str(untrained), "adherence": {k: vars(v) for k, v in adherence.items()},
+            "upscaler": measure_sr_fidelity(config, paths, timings) if config.upscale_to else None}
+
+
 def run(config: DemoConfig) -> DemoResult:
     from latentforge import tracking
-    from latentforge.demo.server import DemoImageServer, url_rows, write_url_list
+    from latentforge.demo.commands import latent_dir
     from latentforge.demo.scenes import eval_prompts
-    from latentforge.demo.untrained import write_untrained_export
     from latentforge.manifest import read_manifest
     from pipelines.runtime import init_ray
 
@@ -243,45 +297,22 @@ def run(config: DemoConfig) -> DemoResult:
     timings["data"] = time.monotonic() - started
     os.environ.setdefault(tracking.EXPERIMENT_ENV, config.experiment)
 
-    with DemoImageServer(paths.scenes) as server:
-        rows = url_rows(server, scenes, config.broken_every)
-        write_url_list(rows, paths.urls)
-        broken = sum("/broken/" in r["url"] for r in rows)
-        print(f"demo: serving {len(rows)} URLs ({broken} broken) from {server.base_url}", flush=True)
+    with contextlib.ExitStack() as stack:
+        broken = serve_url_lists(stack, config, paths, scenes)
         uri = tracking.tracking_uri() if config.mlflow else None  # tracking_uri() may create ./mlruns
-        with tracking.PipelineRun("demo", tags={"latentforge.demo.rows": str(config.rows)},
-                                  enabled=config.mlflow) as pipeline:
-            pipeline.stage_run.log_params(config_to_dict(config))
-            # One embedded Ray for every stage, started after the pipeline run id is in the
-            # environment so Ray workers (the training loop) inherit it.
-            where = init_ray(num_cpus=config.num_cpus)
-            print(f"demo: stages run on {where}; MLflow: {uri or 'off (--no-mlflow)'}", flush=True)
-            autoencoder = run_stages(config, paths, clip_weights, timings)
-            export = find_export(paths)
-            untrained = write_untrained_export(export, paths.checkpoints / "untrained" / "export",
-                                               config.unet_preset, config.seed)
-            adherence = sample_and_score(config, paths, pipeline, {"untrained": untrained, "trained": export},
-                                         timings)
-            train_run = training_run_id(export)
-            if train_run:
-                chart_in_training_run(train_run, export, adherence, config, paths)
-            result = {
-                "pipeline_run_id": pipeline.run_id,
-                "experiment_id": _experiment_id(pipeline),
-                "training_run_id": train_run,
-                "tracking_uri": uri,
-                "broken_urls": broken,
-                "ingested": read_manifest(str(paths.shards)).total_samples,
-                "autoencoder": autoencoder,
-                "latents": read_manifest(str(paths.latents)).total_samples,
-                "export": str(export),
-                "diffusers": str(paths.diffusers) if (paths.diffusers / "model_index.json").is_file() else None,
-                "untrained_export": str(untrained),
-                "adherence": {k: vars(v) for k, v in adherence.items()},
-                "timings": timings,
-                "seconds": time.monotonic() - started,
-            }
-            pipeline.stage_run.log_metrics({"demo_seconds": result["seconds"]})
+        pipeline = stack.enter_context(tracking.PipelineRun("demo", tags={"latentforge.demo.rows": str(config.rows)},
+                                                            enabled=config.mlflow))
+        pipeline.stage_run.log_params(config_to_dict(config))
+        # One embedded Ray for every stage, started after the pipeline run id is in the
+        # environment so Ray workers (the training loop) inherit it.
+        where = init_ray(num_cpus=config.num_cpus)
+        print(f"demo: stages run on {where}; MLflow: {uri or 'off (--no-mlflow)'}", flush=True)
+        stages = run_pipeline(config, paths, pipeline, clip_weights, timings)
+        result = {"pipeline_run_id": pipeline.run_id, "experiment_id": _experiment_id(pipeline), "tracking_uri": uri,
+                  "broken_urls": broken, "ingested": read_manifest(str(paths.shards)).total_samples,
+                  "latents": read_manifest(str(latent_dir(config, paths, config.resolution))).total_samples,
+                  **stages, "timings": timings, "seconds": time.monotonic() - started}
+        pipeline.stage_run.log_metrics({"demo_seconds": result["seconds"]})
     paths.summary.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return DemoResult(result, "\n" + summary_text(config, paths, result))
 

@@ -115,6 +115,9 @@ def run(config: GenerateConfig) -> GenerateResult:
                            extra={"settings": settings, "cascade": settings})
     with StageRun("generate", run_name=config.run_name or "upscale", enabled=config.mlflow) as tracker:
         tracker.log_params(config_to_dict(config))
+        for export_dir in [cascade.base, *cascade.upscalers]:  # lineage: the training runs of every stage
+            if export_dir:
+                tracker.log_manifest(export_dir, mf.manifest_digest(export_dir), "input")
         stages = Stages(config, cascade)
         rows = _write(config, requests, stages, inputs, {"stages": [cascade.base or "input", *cascade.upscalers]})
         write_index(storage.join(config.out, INDEX_NAME), rows)
@@ -124,6 +127,7 @@ def run(config: GenerateConfig) -> GenerateResult:
         digest = mf.write_manifest(config.out, manifest)
         seconds = time.monotonic() - started
         tracker.log_metrics({"images": len(rows), "seconds": seconds})
+        tracker.log_manifest(config.out, digest, "output")
     summary = reporting.summary_table("generate (super-resolution)", [
         ("base", cascade.base or f"--init-images {config.init_images}"), ("upscalers", " -> ".join(cascade.upscalers)),
         ("sizes", f"{cascade.input_size} px -> {cascade.output_size} px"), ("noise level", config.noise_level),

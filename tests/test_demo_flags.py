@@ -26,7 +26,8 @@ def _parsed_stages(tmp_path, *flags: str) -> dict:
     demo = parse_config(DemoConfig, ["--out", str(tmp_path), *flags], preset_dir=_bootstrap.PRESETS / "demo")
     argv = stage_argv(demo, Paths(demo.out), clip_weights=str(tmp_path / "lf-tiny-clip.safetensors"))
     configs = {"precompute_latents": (PrecomputeConfig, "precompute"), "train": (TrainConfig, "train"),
-               "train_autoencoder": (AutoencoderTrainConfig, "train_autoencoder")}
+               "train_autoencoder": (AutoencoderTrainConfig, "train_autoencoder"),
+               "train_upscaler": (TrainConfig, "train")}
     return {stage: parse_config(configs[stage][0], args, preset_dir=_bootstrap.PRESETS / configs[stage][1])
             for stage, args in argv.items() if stage in configs}
 
@@ -34,7 +35,7 @@ def _parsed_stages(tmp_path, *flags: str) -> dict:
 def test_default_demo_trains_its_autoencoder_and_exports_to_diffusers(tmp_path) -> None:
     stages = _parsed_stages(tmp_path)
     autoencoder, precompute, train = stages["train_autoencoder"], stages["precompute_latents"], stages["train"]
-    assert list(stages) == ["train_autoencoder", "precompute_latents", "train"]  # in run order
+    assert list(stages) == ["train_autoencoder", "precompute_latents", "train", "train_upscaler"]  # in run order
     assert autoencoder.data == str(Paths(str(tmp_path)).shards) and autoencoder.resolution == precompute.resolution
     assert (precompute.vae_type, precompute.vae) == ("autoencoder_kl", str(Paths(str(tmp_path)).autoencoder_export))
     assert precompute.text_states == "full" and precompute.text_encoder == "lf-tiny-clip"
@@ -45,3 +46,19 @@ def test_patchify_stays_an_option_without_an_autoencoder_or_a_diffusers_export(t
     stages = _parsed_stages(tmp_path, "--vae-type", "patchify")
     assert "train_autoencoder" not in stages
     assert stages["precompute_latents"].vae_type == "patchify" and stages["train"].export_formats == []
+
+
+def test_the_family_trains_base_and_upscaler_from_one_precompute_run(tmp_path) -> None:
+    """One --resolutions pass feeds the 16 px base and the 16 -> 32 px upscaler (its sub-directories)."""
+    stages = _parsed_stages(tmp_path)
+    precompute, base, upscaler = stages["precompute_latents"], stages["train"], stages["train_upscaler"]
+    assert precompute.resolutions == [16, 32] and precompute.store_pixels
+    assert base.data == str(Paths(str(tmp_path)).latents / "16px") and base.stage == "base"
+    assert upscaler.data == str(Paths(str(tmp_path)).latents / "32px") and upscaler.stage == "upscaler"
+    assert upscaler.lowres_factor == 2 and upscaler.run_name != base.run_name
+
+
+def test_without_an_upscaler_the_demo_is_the_base_alone(tmp_path) -> None:
+    stages = _parsed_stages(tmp_path, "--upscale-to", "0")
+    assert "train_upscaler" not in stages and stages["precompute_latents"].resolutions == []
+    assert stages["train"].data == str(Paths(str(tmp_path)).latents)

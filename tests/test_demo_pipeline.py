@@ -4,10 +4,12 @@ the trained model loading in diffusers from the folder the summary's snippet nam
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from latentforge.manifest import read_manifest
 
@@ -29,8 +31,10 @@ def test_demo_writes_every_stage_and_a_summary(demo_smoke_run) -> None:
     shards = read_manifest(str(out / "shards"), stage="ingest")
     assert shards.total_samples == summary["ingested"] == rows - broken
     assert sum(v for k, v in shards.counts.items() if k not in ("ok", "rows")) >= broken or shards.counts
-    latents = read_manifest(str(out / "latents"), stage="precompute")
-    assert latents.total_samples == summary["latents"] == rows - broken
+    # One precompute pass wrote the base's 16 px and the upscaler's 32 px datasets (same samples).
+    latents = read_manifest(str(out / "latents" / f"{SMOKE['resolution']}px"), stage="precompute")
+    upscaler_data = read_manifest(str(out / "latents" / f"{SMOKE['upscale_to']}px"), stage="precompute")
+    assert latents.total_samples == upscaler_data.total_samples == summary["latents"] == rows - broken
     # The demo's own autoencoder, trained on the ingest shards, made the latents (diffusers' text-state convention).
     autoencoder = read_manifest(summary["autoencoder"]["export"], stage="autoencoder")
     assert autoencoder.extra["step"] == summary["autoencoder"]["step"] == SMOKE["autoencoder_steps"]
@@ -39,18 +43,28 @@ def test_demo_writes_every_stage_and_a_summary(demo_smoke_run) -> None:
     assert latents.config["vae"] == summary["autoencoder"]["export"] and latents.config["text_states"] == "full"
     # Loosely at smoke size (the default's 1,000 steps on 4,000 scenes reach >= 30 dB, see README).
     assert summary["autoencoder"]["psnr"] > 20
-    for name in ("trained", "untrained"):
+    for name, side in (("trained", SMOKE["resolution"]), ("untrained", SMOKE["resolution"]),
+                       ("cascade", SMOKE["upscale_to"])):
         samples = out / "samples" / name
         index = [json.loads(line) for line in (samples / "index.jsonl").read_text().splitlines() if line.strip()]
         assert len(index) == SMOKE["prompts"] and (samples / "grid.png").exists()
         assert summary["adherence"][name]["n"] == SMOKE["prompts"]
+        with Image.open(samples / "000000.png") as first:
+            assert first.size == (side, side), name
     before, after = summary["adherence"]["untrained"], summary["adherence"]["trained"]
     assert after["colour"] >= before["colour"] + COLOUR_MARGIN, f"training did not teach colour: {before} -> {after}"
     assert (out / "checkpoints" / "demo-train" / "export" / "unet").is_dir()
+    # The upscaler against bicubic on held-out scenes, through the evaluate job.
+    upscaler = read_manifest(summary["upscaler"]["export"])
+    assert upscaler.extra["upscaler"]["lowres_size"] == SMOKE["resolution"]
+    metrics = summary["upscaler"]["metrics"]
+    assert metrics["sr_num_pairs"] == SMOKE["heldout"] and math.isfinite(metrics["sr_psnr"])
+    assert metrics["sr_psnr_gain_db"] == pytest.approx(metrics["sr_psnr"] - metrics["bicubic_psnr"])
+    assert (out / "sr_fidelity" / "comparison.png").is_file()
     # The printed summary says where everything is and gives the before/after numbers.
     text = demo_smoke_run.log
     for needle in ("LatentForge demo", str(out / "shards"), str(out / "latents"), "adherence: colour",
-                   "untrained ->", demo_smoke_run.tracking_uri):
+                   "untrained ->", demo_smoke_run.tracking_uri, "upscaler vs bicubic", "bicubic upsampling of the same"):
         assert needle in text, needle
 
 
@@ -64,18 +78,20 @@ def test_demo_stage_runs_are_grouped_and_linked(demo_smoke_run) -> None:
     parent = summary["pipeline_run_id"]
     children = client.search_runs([summary["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     stages = sorted(r.data.tags.get("latentforge.stage") for r in children)
-    assert stages == ["autoencoder", "generate", "generate", "ingest", "precompute", "train"]
+    assert stages == ["autoencoder", "evaluate", "generate", "generate", "generate", "ingest", "ingest", "precompute",
+                      "train", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
     pipeline = client.get_run(parent)
     assert pipeline.data.metrics["adherence_trained_n"] == SMOKE["prompts"]
     assert {"adherence_untrained_colour", "adherence_trained_colour"} <= set(pipeline.data.metrics)
 
     # Lineage by manifest digests: trained samples <- train <- precompute <- ingest.
-    by_stage = {}
+    by_stage, by_name = {}, {r.info.run_name: r.info.run_id for r in children}
     for r in children:
         by_stage.setdefault(r.data.tags["latentforge.stage"], []).append(r.info.run_id)
+    by_stage["ingest"] = [by_name["demo-ingest"]]  # the training scenes' (the other is the held-out set's)
     train = summary["training_run_id"]
-    assert by_stage["train"] == [train]
+    assert train == by_name["demo-train"] and by_name["demo-upscaler"] in by_stage["train"]
     env = dict(MLFLOW_TRACKING_URI=demo_smoke_run.tracking_uri)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
@@ -88,7 +104,7 @@ def test_demo_stage_runs_are_grouped_and_linked(demo_smoke_run) -> None:
             producers = {u["run_id"] for u in upstream_runs(by_stage[stage][0])}
             assert producers - set(by_stage[other]) == set(by_stage["ingest"]), stage
         generated_from = {u["run_id"] for g in by_stage["generate"] for u in upstream_runs(g)}
-        assert train in generated_from
+        assert {train, by_name["demo-upscaler"]} <= generated_from  # the cascade samples both
     # The adherence numbers are also a chart in the training run: step 0 vs the last step.
     history = client.get_metric_history(train, "adherence_colour")
     assert sorted(m.step for m in history) == [0, SMOKE["steps"]]

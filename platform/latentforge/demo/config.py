@@ -72,6 +72,25 @@ class DemoConfig(TrackingOptions):
     """Denoising steps for the adherence samples."""
     guidance: float = 3.0
     """Classifier-free guidance for the adherence samples."""
+    upscale_to: int = 32
+    """Final resolution of the cascade: a super-resolution stage (jobs/train.py --stage upscaler) takes the
+    base model's samples from `resolution` to it; a multiple of `resolution`, <= image_size; 0 = base only."""
+    heldout: int = 64
+    """Held-out scenes (another seed, never trained on) for the upscaler's PSNR against bicubic."""
+    sr_unet_preset: str = "tiny"
+    """UNet preset of the upscaler."""
+    sr_steps: int = 600
+    """Training steps of the upscaler."""
+    sr_batch_size: int = 32
+    """Upscaler training batch size (global)."""
+    sr_lr: float = 2e-3
+    """Upscaler peak learning rate."""
+    sr_max_noise_level: int = 100
+    """Largest noise-augmentation level of the low-res input seen in upscaler training."""
+    sr_noise_level: int = 0
+    """Noise-augmentation level at sampling (cascade and held-out PSNR), within [0, sr_max_noise_level]."""
+    sr_sample_steps: int = 15
+    """Denoising steps of the upscaler's held-out PSNR measurement."""
     num_cpus: int | None = None
     """CPUs of the embedded local Ray (default: all)."""
     experiment: str = "latentforge-demo"
@@ -81,7 +100,7 @@ class DemoConfig(TrackingOptions):
 
     def __post_init__(self) -> None:
         for name in ("rows", "image_size", "samples_per_shard", "resolution", "steps", "batch_size", "prompts",
-                     "sample_steps", "num_workers"):
+                     "sample_steps", "num_workers", "heldout", "sr_steps", "sr_batch_size", "sr_sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if self.autoencoder_steps < 0:
@@ -96,6 +115,17 @@ class DemoConfig(TrackingOptions):
             raise ConfigError("--text-encoder other than lf-tiny-clip needs --text-encoder-weights (tag or file)")
         if self.resolution > self.image_size:
             raise ConfigError("resolution must be <= image_size (the scenes are not upscaled)")
+        self._check_upscaler()
+
+    def _check_upscaler(self) -> None:
+        if not self.upscale_to:
+            return
+        if self.upscale_to <= self.resolution or self.upscale_to % self.resolution or self.upscale_to > self.image_size:
+            raise ConfigError(f"upscale_to {self.upscale_to} must be a multiple of resolution {self.resolution} above "
+                              f"it and <= image_size {self.image_size} (0 = no super-resolution stage)")
+        if not 0 <= self.sr_noise_level <= self.sr_max_noise_level:
+            raise ConfigError(f"sr_noise_level {self.sr_noise_level} must be in [0, sr_max_noise_level "
+                              f"{self.sr_max_noise_level}]")
 
     @property
     def trains_autoencoder(self) -> bool:

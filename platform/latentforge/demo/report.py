@@ -10,6 +10,7 @@ from latentforge.reporting import summary_table
 
 AUTOENCODER_RUN = "demo-autoencoder"
 TRAIN_RUN = "demo-train"
+UPSCALER_RUN = "demo-upscaler"
 
 
 class DemoPaths:
@@ -30,6 +31,12 @@ class DemoPaths:
         self.export = self.checkpoints / TRAIN_RUN / "export"
         self.diffusers = self.checkpoints / TRAIN_RUN / "diffusers"  # training's --export-formats diffusers
         self.samples = root / "samples"
+        # Held-out scenes (their own seed), ingested on their own: the upscaler's PSNR against bicubic.
+        self.heldout_scenes = root / "heldout" / "scenes"
+        self.heldout_urls = root / "heldout" / "urls.parquet"
+        self.heldout_shards = root / "heldout" / "shards"
+        self.upscaler_export = self.checkpoints / UPSCALER_RUN / "export"
+        self.sr_fidelity = root / "sr_fidelity"
         self.prompts = root / "adherence_prompts.txt"
         self.summary = root / "summary.json"
 
@@ -67,14 +74,31 @@ def _autoencoder_row(config: DemoConfig, result: dict[str, Any]) -> tuple[str, s
                            f"SSIM {autoencoder['ssim']:.3f}; {how})")
 
 
-def _adherence_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    before, after = result["adherence"]["untrained"], result["adherence"]["trained"]
-    return [
-        ("adherence: colour", f"{before['colour']:.0%} untrained -> {after['colour']:.0%} trained "
-                              f"(chance {after['chance_colour']:.0%})"),
-        ("adherence: position", f"{before['position']:.0%} untrained -> {after['position']:.0%} trained"),
-        ("adherence: both", f"{before['both']:.0%} untrained -> {after['both']:.0%} trained"),
-    ]
+def _adherence_rows(config: DemoConfig, result: dict[str, Any]) -> list[tuple[str, str]]:
+    """untrained -> trained base (resolution) [-> cascade (upscale_to), the final resolution's number]."""
+    adherence = result["adherence"]
+    stages = [("untrained", "untrained"), ("trained", f"trained {config.resolution} px")]
+    if "cascade" in adherence:
+        stages.append(("cascade", f"cascade {config.upscale_to} px"))
+
+    def row(what: str) -> str:
+        return " -> ".join(f"{adherence[name][what]:.0%} {label}" for name, label in stages)
+
+    chance = f" (chance {adherence['trained']['chance_colour']:.0%})"
+    return [("adherence: colour", row("colour") + chance), ("adherence: position", row("position")),
+            ("adherence: both", row("both"))]
+
+
+def _upscaler_rows(config: DemoConfig, result: dict[str, Any]) -> list[tuple[str, str]]:
+    upscaler = result.get("upscaler")
+    if not upscaler:
+        return []
+    m = upscaler["metrics"]
+    return [("upscaler (super-resolution)", f"{upscaler['export']}  ({config.resolution} -> {config.upscale_to} px)"),
+            ("upscaler vs bicubic", f"PSNR {m['sr_psnr']:.2f} dB vs {m['bicubic_psnr']:.2f} dB: "
+                                    f"{m['sr_psnr_gain_db']:+.2f} dB gain; SSIM {m['sr_ssim']:.3f} vs "
+                                    f"{m['bicubic_ssim']:.3f} on {int(m['sr_num_pairs'])} held-out scenes "
+                                    f"({upscaler['out']})")]
 
 
 def summary_text(config: DemoConfig, paths: DemoPaths, result: dict[str, Any]) -> str:
@@ -87,10 +111,12 @@ def summary_text(config: DemoConfig, paths: DemoPaths, result: dict[str, Any]) -
         ("latents (precompute)", f"{paths.latents}  ({result['latents']} samples, text states {config.text_states})"),
         ("checkpoint + export", str(result["export"])),
         ("diffusers pipeline", diffusers or "not exported (patchify VAE or real_tokens text states)"),
+        *_upscaler_rows(config, result),
         ("samples (trained)", f"{paths.samples / 'trained'}  (grid.png, index.jsonl)"),
+        *([("samples (cascade)", f"{paths.samples / 'cascade'}")] if result.get("upscaler") else []),
         ("samples (untrained)", f"{paths.samples / 'untrained'}"),
         *_mlflow_rows(config, result),
-        *_adherence_rows(result),
+        *_adherence_rows(config, result),
         ("wall time", f"{result['seconds']:.0f} s  ({', '.join(f'{k} {v:.0f} s' for k, v in result['timings'].items())})"),
     ]
     before, after = result["adherence"]["untrained"], result["adherence"]["trained"]
@@ -100,6 +126,10 @@ def summary_text(config: DemoConfig, paths: DemoPaths, result: dict[str, Any]) -
     lines = [summary_table("LatentForge demo", rows), verdict,
              f"Adherence: share of {after['n']} generated images whose requested colour dominates (and sits "
              f"where the caption says), measured with latentforge.demo.adherence."]
+    if result.get("upscaler"):
+        gain = result["upscaler"]["metrics"]["sr_psnr_gain_db"]
+        lines.append(f"The upscaler {'beats' if gain > 0 else 'does NOT beat'} bicubic upsampling of the same "
+                     f"low-res input on held-out scenes ({gain:+.2f} dB PSNR).")
     if diffusers:
         lines += ["Load the trained model in diffusers (no network, no LatentForge code):",
                   f"  {diffusers_snippet(diffusers)}"]
