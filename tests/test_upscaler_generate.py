@@ -101,3 +101,25 @@ def test_job_exits_2_with_one_line_for_a_size_mismatch(models, tmp_path) -> None
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if "8x8 px" in line]
     assert len(errors) == 1 and "16x16 px" in errors[0]
+
+
+def test_sampling_starts_at_the_last_timestep_and_decodes_over_the_bicubic_base(models) -> None:
+    """One DDIM step runs the UNet at t = 999 on the pure-noise start (the training schedule's "leading"
+    spacing ran it at t = 0), and a zero residual decodes to the bicubic upsample of the input."""
+    import torch
+
+    from latentforge.generation.export import load_export
+    from latentforge.generation.sampler import SampleParams
+    from latentforge.pixels import to_pixels
+    from latentforge.upscaler.degradation import bicubic_upsample
+    from latentforge.upscaler.sampling import Upscaler
+
+    upscaler = Upscaler(load_export(models["sr"]))
+    low = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    seen: list[int] = []
+    forward = upscaler.unet.unet.forward
+    upscaler.unet.unet.forward = lambda sample, t, **kw: seen.append(int(t)) or forward(sample, t, **kw)
+    upscaler.upscale(low, ["a", "b"], [1, 2], SampleParams(sampler="ddim", steps=1, guidance=1.0), 0)
+    assert seen == [999]
+    zero = torch.zeros(2, 12, 16, 16)  # (B, C, h, w) residual latents
+    assert torch.allclose(upscaler.sampler.vae.decode(zero), to_pixels(bicubic_upsample(low, 32)), atol=1e-6)

@@ -3,8 +3,6 @@ epoch) and the refusals of set-ups that cannot train, in the config and through 
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -12,9 +10,8 @@ from latentforge.config import ConfigError
 from latentforge.models.text_encoder import save_tiny_clip_checkpoint
 from latentforge.training import data as tdata
 from latentforge.training.config import TrainConfig
-from latentforge.training.feeder import BatchFeeder
 from latentforge.upscaler.training import upscaler_setup, upscaler_unet
-from tests.harness.sr_scenes import write_scene_latents
+from tests.harness.sr_scenes import feed, write_scene_latents
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,29 +27,6 @@ def scenes(tmp_path_factory):
 def upscaler_config(info, **overrides) -> TrainConfig:
     return TrainConfig(**{"data": str(info.dir), "stage": "upscaler", "lowres_factor": 2, "max_noise_level": 250,
                           "batch_size": 8, "shuffle_buffer": 16, "ema_decay": 0, "cfg_dropout": 0.0, **overrides})
-
-
-class ShardStream:
-    """What a worker's Ray Data shard gives `BatchFeeder`: rows in file order, epoch after epoch."""
-
-    def __init__(self, info, plan: tdata.DataPlan) -> None:
-        rows = tdata.read_positions(str(info.dir), plan, range(plan.total))
-        self.rows = [{**r, "__url__": f"{info.dir}/{r['__key__'][:5]}.tar"} for r in rows]
-        self.epochs = plan.epochs_per_stream(0)
-
-    def iter_rows(self):
-        return itertools.chain.from_iterable(itertools.repeat(self.rows, self.epochs))
-
-
-def feed(info, config: TrainConfig, plan: tdata.DataPlan, start_step: int, batches: int) -> list[dict]:
-    setup = upscaler_setup(config, info.manifest)
-    epoch, skip = plan.position_of(start_step)
-    feeder = BatchFeeder(ShardStream(info, plan), plan, 0, epoch, skip, config.batch_size,
-                         info.manifest.extra["dtype"], 1, batches, transform=setup.transform)
-    try:
-        return [feeder.get()[1] for _ in range(batches)]
-    finally:
-        feeder.close()
 
 
 def test_lowres_pairs_are_fixed_per_key_and_epoch_so_a_resume_sees_the_same_pairs(scenes) -> None:
@@ -108,3 +82,25 @@ def test_job_refuses_bad_upscaler_runs_with_one_line_before_any_worker(scenes, t
     errors = [line for line in capsys.readouterr().err.splitlines() if "in_channels 7" in line]
     assert len(errors) == 1 and "latents have 12 channels (+ 3 image channels)" in errors[0]
     assert not runs.exists()  # refused before anything was started or written
+
+
+def test_the_upscaler_learns_the_scaled_residual_over_the_bicubic_upsample(scenes) -> None:
+    """Each batch latent is (latent - latent of its low-res input's bicubic upsample) * scale: added back
+    to that base it decodes to the real image, and the base alone decodes to the bicubic upsample."""
+    from latentforge import formats
+    from latentforge.models.vae import load_vae_from_manifest
+    from latentforge.pixels import to_pixels
+    from latentforge.upscaler.degradation import Degradation, bicubic_upsample
+    from latentforge.upscaler.residual import RESIDUAL_SCALE
+
+    config = upscaler_config(scenes)
+    plan = tdata.plan_data(scenes.manifest, 1, config.samples_per_step, config.shuffle_buffer, config.seed)
+    batch = feed(scenes, config, plan, 0, 1)[0]  # epoch 0
+    rows = {r["__key__"]: r for r in tdata.read_positions(str(scenes.dir), plan, range(plan.total))}
+    vae = load_vae_from_manifest(scenes.manifest)
+    for key, residual in zip(batch["keys"], batch["latents"]):
+        high = formats.decode_npy(rows[key][formats.PIXELS_MEMBER])[None]  # (1, 32, 32, 3)
+        bicubic = bicubic_upsample(Degradation(2, seed=config.seed).apply(high[0], key, 0)[None], 32)
+        base = vae.encode(to_pixels(bicubic), mode="mean")
+        assert torch.allclose(vae.decode(base), to_pixels(bicubic), atol=1e-6)
+        assert torch.allclose(vae.decode(base + residual[None] / RESIDUAL_SCALE), to_pixels(high), atol=1e-5)

@@ -4,10 +4,12 @@
     info = write_scene_latents(tmp / "latents", clip_path, count=64, resolution=32)
     info.manifest.extra["pixels"]      # {"member": "pixels.npy", "size": [32, 32], ...}
     held_out_scenes(8, 32, seed=99)    # (uint8 (8, 32, 32, 3), captions) never in the data
+    feed(info, config, plan, 0, steps)  # an upscaler's batches through the real feeder, without Ray
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +49,11 @@ held_out_scenes = scenes
 
 
 def write_scene_latents(out_dir: str | Path, clip_path: str, count: int = 64, resolution: int = 32,
-                        seed: int = 0, shard_size: int = 32) -> SceneLatents:
+                        seed: int = 0, shard_size: int = 32, vae: str = "") -> SceneLatents:
+    """`count` scenes encoded by the patchify autoencoder, or by the AutoencoderKL in directory `vae`."""
     out = Path(out_dir)
-    config = PrecomputeConfig(input="scenes://", output=str(out), vae_type="patchify", patch_size=2,
+    kind = {"vae_type": "autoencoder_kl", "vae": vae} if vae else {"vae_type": "patchify", "patch_size": 2}
+    config = PrecomputeConfig(input="scenes://", output=str(out), **kind,
                               text_encoder="lf-tiny-clip", text_encoder_weights=clip_path, text_layer="last",
                               resolution=resolution, dtype="fp32", store_pixels=True, fidelity_samples=0)
     encoder = PrecomputeEncoder(config, device="cpu")
@@ -109,3 +113,32 @@ def export(trainer: Any, info: SceneLatents, out_dir: str | Path) -> str:
                  manifest_digest(str(info.dir)), info.manifest, config_to_dict(trainer.config), trainer.step, None,
                  extra={"upscaler": record})
     return str(out_dir)
+
+
+class ShardStream:
+    """What a worker's Ray Data shard gives `BatchFeeder`: rows in file order, epoch after epoch."""
+
+    def __init__(self, info: SceneLatents, plan: Any) -> None:
+        from latentforge.training import data as tdata
+
+        rows = tdata.read_positions(str(info.dir), plan, range(plan.total))
+        self.rows = [{**r, "__url__": f"{info.dir}/{r['__key__'][:5]}.tar"} for r in rows]
+        self.epochs = plan.epochs_per_stream(0)
+
+    def iter_rows(self) -> Any:
+        return itertools.chain.from_iterable(itertools.repeat(self.rows, self.epochs))
+
+
+def feed(info: SceneLatents, config: Any, plan: Any, start_step: int, batches: int) -> list[dict]:
+    """`batches` upscaler batches from step `start_step` on, made by the real feeder and low-res transform."""
+    from latentforge.training.feeder import BatchFeeder
+    from latentforge.upscaler.training import upscaler_setup
+
+    setup = upscaler_setup(config, info.manifest)
+    epoch, skip = plan.position_of(start_step)
+    feeder = BatchFeeder(ShardStream(info, plan), plan, 0, epoch, skip, config.batch_size,
+                         info.manifest.extra["dtype"], 1, batches, transform=setup.transform)
+    try:
+        return [feeder.get()[1] for _ in range(batches)]
+    finally:
+        feeder.close()

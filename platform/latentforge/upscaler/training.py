@@ -4,14 +4,17 @@ The train stage runs an upscaler with the same driver, workers, data order, chec
 run as a base model (`--stage upscaler`); only three things differ, all made here:
 - the data must hold the preprocessed images (precompute `--store-pixels`);
 - each decoded sample gets its low-res input (`UpscalerSetup.transform`), made from its stored
-  pixels by `Degradation` for (seed, key, epoch): a resumed run sees the same pairs;
+  pixels by `Degradation` for (seed, key, epoch): a resumed run sees the same pairs; its latent
+  becomes the scaled residual over the latent of the low-res image's bicubic upsample
+  (`latentforge.upscaler.residual`), encoded by the data's own autoencoder;
 - the trainer concatenates the noise-augmented low-res image to the noisy latents and passes the
   noise level as the class label (`latentforge.upscaler.conditioning.TrainingCondition`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from latentforge import formats
@@ -19,6 +22,7 @@ from latentforge.config import ConfigError
 from latentforge.manifest import Manifest
 from latentforge.upscaler.conditioning import IMAGE_CHANNELS, LOW_RES_SCHEDULER
 from latentforge.upscaler.degradation import Degradation, lowres_pixels
+from latentforge.upscaler.residual import RESIDUAL_SCALE, BaseLatents, to_residual
 
 STAGES = ("base", "upscaler")
 
@@ -33,15 +37,28 @@ class UpscalerSetup:
     """Side of the stored high-res images (px)."""
     latent_size: int
     """Side of the latents: the low-res image is resized to it before the concatenation."""
+    manifest: Manifest = field(repr=False, compare=False)
+    """The data's manifest: its autoencoder encodes the bicubic upsample the residual is taken from."""
+    residual_scale: float = RESIDUAL_SCALE
 
     @property
     def lowres_size(self) -> int:
         return self.resolution // self.degradation.factor
 
+    @cached_property
+    def base_latents(self) -> BaseLatents:
+        """Loaded on first use, in the worker that feeds the data (the driver never encodes)."""
+        from latentforge.models.vae import load_vae_from_manifest
+
+        return BaseLatents(load_vae_from_manifest(self.manifest), self.resolution)
+
     def transform(self, sample: dict[str, Any], row: dict[str, Any], epoch: int) -> dict[str, Any]:
-        """A decoded sample + `lowres` (3, h, w) in [-1, 1], made from its tar row's stored pixels (R, R, 3)."""
+        """A decoded sample + `lowres` (3, h, w) in [-1, 1], made from its tar row's stored pixels (R, R, 3),
+        with its latent replaced by the scaled residual over the latent of the low-res bicubic upsample."""
         low = self.degradation.apply(formats.decode_npy(row[formats.PIXELS_MEMBER]), sample["key"], epoch)
         sample["lowres"] = lowres_pixels(low[None], self.latent_size)[0]
+        base = self.base_latents(low[None])[0].to(sample["latent"].dtype)
+        sample["latent"] = to_residual(sample["latent"], base, self.residual_scale)
         return sample
 
     def record(self, manifest: Manifest) -> dict[str, Any]:
@@ -53,7 +70,7 @@ class UpscalerSetup:
                 "lowres_factor": self.degradation.factor, "lowres_size": self.lowres_size,
                 "resolution": self.resolution, "latent_size": self.latent_size,
                 "degradation": {"blur": self.degradation.blur, "jpeg": self.degradation.jpeg},
-                "low_res_scheduler": dict(LOW_RES_SCHEDULER)}
+                "low_res_scheduler": dict(LOW_RES_SCHEDULER), "residual_scale": self.residual_scale}
 
 
 def upscaler_setup(config: Any, manifest: Manifest) -> UpscalerSetup:
@@ -66,7 +83,7 @@ def upscaler_setup(config: Any, manifest: Manifest) -> UpscalerSetup:
     if resolution % config.lowres_factor:
         raise ConfigError(f"--lowres-factor {config.lowres_factor} does not divide the data's resolution "
                           f"{resolution}")
-    return UpscalerSetup(degradation_of(config), config.max_noise_level, resolution, latent_size)
+    return UpscalerSetup(degradation_of(config), config.max_noise_level, resolution, latent_size, manifest)
 
 
 def degradation_of(config: Any) -> Degradation:
