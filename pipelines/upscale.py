@@ -21,7 +21,8 @@ from latentforge.config import ConfigError, config_to_dict
 from latentforge.generation.config import GenerateConfig
 from latentforge.generation.outputs import GRID_NAME, INDEX_NAME, Request, load_prompts, request_row, save_grid, \
     save_png, write_index
-from latentforge.upscaler.cascade import Cascade, base_output_size, image_files, load_images, plan_cascade
+from latentforge.upscaler.cascade import Cascade, base_output_size, image_files, load_images, plan_cascade, \
+    run_upscalers
 from pipelines.generate import GenerateResult
 
 
@@ -66,12 +67,9 @@ class Stages:
         if self.base is not None:
             made = self.base.txt2img(prompts, seeds, _params(self.config, self.cascade.input_size), len(requests))
             images = np.stack([m.to_uint8() for m in made])  # what a PNG of the base stage stores
-        meta: dict[str, Any] = {}
-        for upscaler in self.upscalers:
-            made = upscaler.upscale(images, prompts, seeds, _params(self.config, upscaler.resolution),
-                                    self.config.noise_level)
-            images, meta = np.stack([m.to_uint8() for m in made]), made[0].meta
-        return images, meta
+        stages = run_upscalers(self.upscalers, images, prompts, seeds, _params(self.config, self.cascade.input_size),
+                               self.config.noise_level)
+        return np.stack([m.to_uint8() for m in stages[-1]]), stages[-1][0].meta
 
 
 def _write(config: GenerateConfig, requests: list[Request], stages: Stages, inputs: np.ndarray | None,

@@ -123,14 +123,11 @@ def cascade_images(base: Any, upscalers: list[Any], captions: list[str], seeds: 
                    noise_level: int) -> list[list[Any]]:
     """Every stage's `GeneratedImage`s for one batch: base txt2img, then each upscaler on the previous
     stage's images rounded to uint8 (what a PNG between stages stores, as `jobs/generate.py` does)."""
+    from latentforge.upscaler.cascade import run_upscalers
+
     made = base.txt2img(captions, seeds, replace(params, height=None, width=None), batch_size=len(captions))
-    stages = [made]
-    for upscaler in upscalers:
-        images = np.stack([m.to_uint8() for m in made])  # (B, h, w, 3)
-        sized = replace(params, height=upscaler.resolution, width=upscaler.resolution)
-        made = upscaler.upscale(images, captions, seeds, sized, noise_level)
-        stages.append(made)
-    return stages
+    images = np.stack([m.to_uint8() for m in made])  # (B, h, w, 3)
+    return [made, *run_upscalers(upscalers, images, captions, seeds, params, noise_level)]
 
 
 def score_cascade(base: Any, upscalers: list[Any], eval_set: EvalSet, num_samples: int, params: Any,

@@ -103,3 +103,20 @@ def load_images(paths: list[str], size: int) -> np.ndarray:
                               f"takes {size}x{size} px")
         arrays.append(array)
     return np.stack(arrays)
+
+
+def run_upscalers(upscalers: list[Any], images: np.ndarray, prompts: list[str], seeds: list[int], params: Any,
+                  noise_level: int) -> list[list[Any]]:
+    """Each upscaler on the previous stage's images, uint8 (B, h, w, 3) in; every stage's `GeneratedImage`s out.
+
+    `params` are sized to each stage's resolution; between stages the images are rounded to uint8, what a
+    PNG stores, so a chain equals its stages run one by one through files."""
+    from dataclasses import replace
+
+    stages = []
+    for upscaler in upscalers:
+        made = upscaler.upscale(images, prompts, seeds, replace(params, height=upscaler.resolution,
+                                                                  width=upscaler.resolution), noise_level)
+        stages.append(made)
+        images = np.stack([m.to_uint8() for m in made])  # (B, H, W, 3)
+    return stages
