@@ -123,3 +123,25 @@ def test_sampling_starts_at_the_last_timestep_and_decodes_over_the_bicubic_base(
     assert seen == [999]
     zero = torch.zeros(2, 12, 16, 16)  # (B, C, h, w) residual latents
     assert torch.allclose(upscaler.sampler.vae.decode(zero), to_pixels(bicubic_upsample(low, 32)), atol=1e-6)
+
+
+def test_a_zero_residual_is_the_bicubic_image_even_through_a_lossy_autoencoder(tmp_path) -> None:
+    """The decoder's error on the bicubic base is taken out of the output: through a random (lossy)
+    AutoencoderKL a zero residual still gives the bicubic upsample, not its reconstruction."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from latentforge.models.vae import VaeSpec, load_vae
+    from latentforge.upscaler.residual import BaseLatents, ResidualDecoder
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4,
+                  scaling_factor=0.5).save_pretrained(tmp_path / "vae")
+    vae = load_vae(VaeSpec(type="autoencoder_kl", id=str(tmp_path / "vae")))
+    low = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    pixels, base = BaseLatents(vae, 32)(low)  # (2, 3, 32, 32), (2, 4, 16, 16)
+    decoder = ResidualDecoder(vae, 10.0)
+    decoder.rebase(pixels, base)
+    assert (vae.decode(base) - pixels).abs().max() > 0.1  # the autoencoder alone does not give the base back
+    assert torch.allclose(decoder.decode(torch.zeros_like(base)), pixels, atol=1e-5)

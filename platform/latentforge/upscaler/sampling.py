@@ -117,7 +117,7 @@ class Upscaler:
         image, levels = self.augmented(images, seeds, noise_level)
         self.unet.condition(image.to(self.sampler.device, self.sampler.dtype), levels)
         if self.base_latents is not None:
-            self.sampler.vae.rebase(self.base_latents(images))
+            self.sampler.vae.rebase(*self.base_latents(images))
         out = self.sampler.txt2img(list(prompts), list(seeds), params, batch_size=len(prompts))
         for item in out:
             item.meta.update(noise_level=int(noise_level), upscaler=self.export_dir)

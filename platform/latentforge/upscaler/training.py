@@ -57,8 +57,8 @@ class UpscalerSetup:
         with its latent replaced by the scaled residual over the latent of the low-res bicubic upsample."""
         low = self.degradation.apply(formats.decode_npy(row[formats.PIXELS_MEMBER]), sample["key"], epoch)
         sample["lowres"] = lowres_pixels(low[None], self.latent_size)[0]
-        base = self.base_latents(low[None])[0].to(sample["latent"].dtype)
-        sample["latent"] = to_residual(sample["latent"], base, self.residual_scale)
+        _, base = self.base_latents(low[None])  # (1, C, h, w)
+        sample["latent"] = to_residual(sample["latent"], base[0].to(sample["latent"].dtype), self.residual_scale)
         return sample
 
     def record(self, manifest: Manifest) -> dict[str, Any]:
