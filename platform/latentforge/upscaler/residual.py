@@ -15,7 +15,7 @@ trained to produce z_high itself, a tiny upscaler must first learn to reproduce 
 through its whole UNet, and a CI-sized budget (300 steps) left it at 20 dB where bicubic reaches
 26.8 dB (docs/super_resolution.md "Measured quality"). The residual is small (pixel rms 0.09 on the
 demo scenes), so it is scaled up to about unit variance before diffusion, SD's 1/std rule for latents:
-without the scale the residual's signal-to-noise ratio is a hundredth of the latents' at every step.
+without the scale the residual's signal-to-noise ratio is about 1/20 of the latents' at every step.
 """
 
 from __future__ import annotations
