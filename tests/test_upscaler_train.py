@@ -104,3 +104,19 @@ def test_the_upscaler_learns_the_scaled_residual_over_the_bicubic_upsample(scene
         base = vae.encode(to_pixels(bicubic), mode="mean")
         assert torch.allclose(vae.decode(base), to_pixels(bicubic), atol=1e-6)
         assert torch.allclose(vae.decode(base + residual[None] / RESIDUAL_SCALE), to_pixels(high), atol=1e-5)
+
+
+def test_no_residual_keeps_the_high_res_latent_and_records_no_residual_scale(scenes) -> None:
+    """--no-residual: SD x4's recipe, the UNet learns the stored latent itself (the exportable kind)."""
+    from latentforge import formats
+    from latentforge.upscaler.training import upscaler_setup
+
+    config = upscaler_config(scenes, residual=False)
+    plan = tdata.plan_data(scenes.manifest, 1, config.samples_per_step, config.shuffle_buffer, config.seed)
+    batch = feed(scenes, config, plan, 0, 1)[0]
+    rows = {r["__key__"]: r for r in tdata.read_positions(str(scenes.dir), plan, range(plan.total))}
+    for key, latent in zip(batch["keys"], batch["latents"]):
+        stored = torch.from_numpy(formats.decode_npy(rows[key]["latent.npy"])).to(latent.dtype)
+        assert torch.equal(latent, stored)
+    assert "residual_scale" not in upscaler_setup(config, scenes.manifest).record(scenes.manifest)
+    assert "residual_scale" in upscaler_setup(upscaler_config(scenes), scenes.manifest).record(scenes.manifest)

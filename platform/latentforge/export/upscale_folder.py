@@ -52,7 +52,7 @@ def check_upscale(data_manifest: Manifest, record: dict[str, Any]) -> None:
         raise ExportRefused(f"{REFUSED} decodes the sampled latents as they are, but this upscaler samples the "
                             f"residual over the latent of the bicubic upsample (residual_scale "
                             f"{record['residual_scale']}), which the pipeline cannot add back; fix: upsample with "
-                            "jobs/generate.py --upscaler")
+                            "jobs/generate.py --upscaler, or train with --no-residual")
     check_sizes(record, int(vae["downsample"]))
     check_text_encoder(data_manifest)
     check_text_states(data_manifest, "diffusers")

@@ -73,6 +73,10 @@ class TrainConfig(TrackingOptions):
     """Upscaler: largest Gaussian blur sigma (high-res px) drawn per sample before downsampling; 0 = none."""
     lowres_jpeg: int = 0
     """Upscaler: lowest JPEG quality drawn per sample (up to 95) for the low-res input; 0 = no JPEG."""
+    residual: bool = True
+    """Upscaler: learn the scaled residual over the latent of the low-res image's bicubic upsample (beats bicubic
+    within a small budget; no StableDiffusionUpscalePipeline form); --no-residual learns the high-res latent itself,
+    SD x4's recipe, which exports to that pipeline (docs/super_resolution.md)."""
     seed: int = 0
     """Seed for the weights, the noise/timestep generator and the data order."""
     shuffle_buffer: int = 1000

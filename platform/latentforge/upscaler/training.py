@@ -6,7 +6,7 @@ run as a base model (`--stage upscaler`); only three things differ, all made her
 - each decoded sample gets its low-res input (`UpscalerSetup.transform`), made from its stored
   pixels by `Degradation` for (seed, key, epoch): a resumed run sees the same pairs; its latent
   becomes the scaled residual over the latent of the low-res image's bicubic upsample
-  (`latentforge.upscaler.residual`), encoded by the data's own autoencoder;
+  (`latentforge.upscaler.residual`), encoded by the data's own autoencoder (`--no-residual`: kept as is);
 - the trainer concatenates the noise-augmented low-res image to the noisy latents and passes the
   noise level as the class label (`latentforge.upscaler.conditioning.TrainingCondition`).
 """
@@ -39,7 +39,8 @@ class UpscalerSetup:
     """Side of the latents: the low-res image is resized to it before the concatenation."""
     manifest: Manifest = field(repr=False, compare=False)
     """The data's manifest: its autoencoder encodes the bicubic upsample the residual is taken from."""
-    residual_scale: float = RESIDUAL_SCALE
+    residual_scale: float | None = RESIDUAL_SCALE
+    """The residual's scale (`latentforge.upscaler.residual`); None = the UNet learns the high-res latent itself."""
 
     @property
     def lowres_size(self) -> int:
@@ -57,8 +58,9 @@ class UpscalerSetup:
         with its latent replaced by the scaled residual over the latent of the low-res bicubic upsample."""
         low = self.degradation.apply(formats.decode_npy(row[formats.PIXELS_MEMBER]), sample["key"], epoch)
         sample["lowres"] = lowres_pixels(low[None], self.latent_size)[0]
-        _, base = self.base_latents(low[None])  # (1, C, h, w)
-        sample["latent"] = to_residual(sample["latent"], base[0].to(sample["latent"].dtype), self.residual_scale)
+        if self.residual_scale:
+            _, base = self.base_latents(low[None])  # (1, C, h, w)
+            sample["latent"] = to_residual(sample["latent"], base[0].to(sample["latent"].dtype), self.residual_scale)
         return sample
 
     def record(self, manifest: Manifest) -> dict[str, Any]:
@@ -70,7 +72,8 @@ class UpscalerSetup:
                 "lowres_factor": self.degradation.factor, "lowres_size": self.lowres_size,
                 "resolution": self.resolution, "latent_size": self.latent_size,
                 "degradation": {"blur": self.degradation.blur, "jpeg": self.degradation.jpeg},
-                "low_res_scheduler": dict(LOW_RES_SCHEDULER), "residual_scale": self.residual_scale}
+                "low_res_scheduler": dict(LOW_RES_SCHEDULER),
+                **({"residual_scale": self.residual_scale} if self.residual_scale else {})}
 
 
 def upscaler_setup(config: Any, manifest: Manifest) -> UpscalerSetup:
@@ -83,7 +86,8 @@ def upscaler_setup(config: Any, manifest: Manifest) -> UpscalerSetup:
     if resolution % config.lowres_factor:
         raise ConfigError(f"--lowres-factor {config.lowres_factor} does not divide the data's resolution "
                           f"{resolution}")
-    return UpscalerSetup(degradation_of(config), config.max_noise_level, resolution, latent_size, manifest)
+    return UpscalerSetup(degradation_of(config), config.max_noise_level, resolution, latent_size, manifest,
+                         RESIDUAL_SCALE if config.residual else None)
 
 
 def degradation_of(config: Any) -> Degradation:
