@@ -72,9 +72,10 @@ def train_argv(config: DemoConfig, paths: Paths) -> list[str]:
 
 
 def upscaler_argv(config: DemoConfig, paths: Paths) -> list[str]:
-    """The super-resolution stage: the same train job, `--stage upscaler`, on the upscale_to dataset."""
-    return ["--preset", "tiny", "--data", str(latent_dir(config, paths, config.upscale_to)), "--stage", "upscaler",
-            "--unet", config.sr_unet_preset, "--lowres-factor", str(config.upscale_to // config.resolution),
+    """The super-resolution stage: the same train job, `--preset tiny-sr` (`--stage upscaler`, the residual
+    recipe), on the upscale_to dataset."""
+    return ["--preset", "tiny-sr", "--data", str(latent_dir(config, paths, config.upscale_to)),
+            "--lowres-factor", str(config.upscale_to // config.resolution),
             "--max-noise-level", str(config.sr_max_noise_level), "--steps", str(config.sr_steps),
             "--batch-size", str(config.sr_batch_size), "--lr", str(config.sr_lr), "--num-workers",
             str(config.num_workers), "--storage-path", str(paths.checkpoints), "--run-name", UPSCALER_RUN,
@@ -113,7 +114,7 @@ def sr_fidelity_argv(config: DemoConfig, paths: Paths, upscaler: str) -> list[st
     """The upscaler's PSNR / SSIM against bicubic on the held-out scenes (jobs/configs/evaluate/sr.yaml)."""
     return ["--preset", "sr", "--upscaler", upscaler, "--eval-set", str(paths.heldout_shards),
             "--num-samples", str(config.heldout), "--noise-level", str(config.sr_noise_level),
-            "--steps", str(config.sr_sample_steps), "--seed", str(config.seed), "--out", str(paths.sr_fidelity),
+            "--steps", str(config.sr_sample_steps), "--guidance", "1", "--seed", str(config.seed), "--out", str(paths.sr_fidelity),
             "--run-name", "demo-sr-fidelity", *tracking_flags(config)]
 
 

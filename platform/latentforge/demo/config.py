@@ -77,20 +77,19 @@ class DemoConfig(TrackingOptions):
     base model's samples from `resolution` to it; a multiple of `resolution`, <= image_size; 0 = base only."""
     heldout: int = 64
     """Held-out scenes (another seed, never trained on) for the upscaler's PSNR against bicubic."""
-    sr_unet_preset: str = "tiny"
-    """UNet preset of the upscaler."""
-    sr_steps: int = 600
-    """Training steps of the upscaler."""
-    sr_batch_size: int = 32
+    sr_steps: int = 300
+    """Training steps of the upscaler (jobs/configs/train/tiny-sr.yaml: residual, tiny-sr UNet, v-prediction)."""
+    sr_batch_size: int = 8
     """Upscaler training batch size (global)."""
     sr_lr: float = 2e-3
     """Upscaler peak learning rate."""
-    sr_max_noise_level: int = 100
+    sr_max_noise_level: int = 20
     """Largest noise-augmentation level of the low-res input seen in upscaler training."""
     sr_noise_level: int = 0
     """Noise-augmentation level at sampling (cascade and held-out PSNR), within [0, sr_max_noise_level]."""
-    sr_sample_steps: int = 15
-    """Denoising steps of the upscaler's held-out PSNR measurement."""
+    sr_sample_steps: int = 1
+    """Denoising steps of the upscaler's held-out PSNR: 1 step is its x0 (mean) estimate, the best PSNR
+    (docs/super_resolution.md); the cascade's samples use `sample_steps`."""
     num_cpus: int | None = None
     """CPUs of the embedded local Ray (default: all)."""
     experiment: str = "latentforge-demo"
