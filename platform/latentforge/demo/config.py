@@ -50,9 +50,10 @@ class DemoConfig(TrackingOptions):
     """open_clip pretrained tag or checkpoint file; none with lf-tiny-clip = write a random checkpoint."""
     text_layer: str = "last"
     """Text encoder layer: last | penultimate."""
-    unet_preset: str = "tiny"
-    """UNet preset for training (tiny on CPU)."""
-    steps: int = 1200
+    unet_preset: str = "tiny-pooled"
+    """UNet preset for training (tiny-pooled: tiny + the pooled caption in the time embedding, which the
+    demo's position adherence needs; jobs/configs/demo/default.yaml has the measurements)."""
+    steps: int = 1500
     """Training steps."""
     batch_size: int = 32
     """Training batch size (global)."""
@@ -60,9 +61,9 @@ class DemoConfig(TrackingOptions):
     """Peak learning rate."""
     num_workers: int = 1
     """Ray Train workers."""
-    eval_every: int = 400
+    eval_every: int = 500
     """In-training evaluation (sample grid + metrics in the training run) every N steps."""
-    checkpoint_every: int = 400
+    checkpoint_every: int = 500
     """Checkpoint every N steps."""
     prompts: int = 48
     """Prompts for the adherence measurement (cycling every colour x position pair)."""
