@@ -112,8 +112,9 @@ def test_training_run_page_shows_charts_grid_and_lineage(chromium_binary, demo_s
     [latents] = _datasets(client, run_id, "input")
     precompute = client.search_runs([experiment], filter_string="tags.`latentforge.stage` = 'precompute' AND "
                                     f"tags.mlflow.parentRunId = '{summary['pipeline_run_id']}'")
-    assert [d.digest for d in _datasets(client, precompute[0].info.run_id, "output")] == [latents.digest]
-    assert latents.name == "latents"
+    # One precompute pass wrote the base's and the upscaler's datasets (latents/16px, latents/32px).
+    outputs = {d.name: d.digest for d in _datasets(client, precompute[0].info.run_id, "output")}
+    assert sorted(outputs) == ["16px", "32px"] and outputs["16px"] == latents.digest and latents.name == "16px"
 
     base = f"{mlflow_server.url}/#/experiments/{experiment}/runs/{run_id}"
     with Chromium(chromium_binary, tmp_path / "chromium-profile", WIDTH, HEIGHT) as browser:
@@ -134,7 +135,8 @@ def test_training_run_page_shows_charts_grid_and_lineage(chromium_binary, demo_s
         # Overview: lineage. The panel of the dataset this run trained on names the latents manifest
         # and shows the digest the precompute run logged as its output.
         panel = _open_dataset_panel(browser, base, latents.name)
-        for shown in (f"Digest: {latents.digest}", f"Path: {demo_smoke_run.out / 'latents' / 'manifest.json'}",
+        manifest = demo_smoke_run.out / "latents" / "16px" / "manifest.json"
+        for shown in (f"Digest: {latents.digest}", f"Path: {manifest}",
                       "stage: precompute", f"samples: {summary['latents']}"):
             assert shown in panel, f"the dataset panel lacks {shown!r}:\n{panel}"
 
