@@ -41,6 +41,29 @@ def test_field_docs_are_read_from_the_source() -> None:
                          "retry_reasons", "limit"}
 
 
+def test_field_docs_survive_the_cross_thread_ast_race_and_are_parsed_once(monkeypatch) -> None:
+    """CPython 3.11's AST builder can fail spuriously while another thread parses (gh-106905)."""
+    import ast
+
+    @dataclass
+    class RacedConfig:
+        steps: int = 1
+        """Optimizer steps."""
+
+    real_parse, calls = ast.parse, []
+
+    def parse_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=141, after=71)")
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", parse_failing_once)
+    assert field_docs(RacedConfig)["steps"] == "Optimizer steps."
+    parsed = len(calls)
+    assert field_docs(RacedConfig)["steps"] == "Optimizer steps." and len(calls) == parsed
+
+
 def test_preset_then_flags_override(tmp_path) -> None:
     (tmp_path / "small.yaml").write_text("samples_per_shard: 10\nquality: 0.5\nmode: center_crop\n")
     config = parse_config(DemoConfig, ["--preset", "small", "--quality", "0.7", "--allow-private-network",

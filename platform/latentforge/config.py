@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -28,20 +29,37 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or invalid."""
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string literal right under each field) of a dataclass."""
+@functools.cache
+def field_docs(cls: type) -> Mapping[str, str]:
+    """Attribute docstrings (the string literal right under each field) of a dataclass.
+
+    Cached: a class's source is parsed once per process. CPython 3.11 keeps the AST
+    builder's recursion depth in shared state, so an `ast.parse` racing one in another
+    thread (Ray's, MLflow's) can fail with a spurious SystemError (cpython gh-106905);
+    the parse is retried then, as its input is unchanged.
+    """
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__[:-1]):
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        body = _class_body(klass)
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
                     docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
+    return types.MappingProxyType(docs)  # read-only: every caller shares the cached value
+
+
+def _class_body(klass: type, attempts: int = 3) -> list[ast.stmt]:
+    """The statements of a class definition; empty when its source is not available."""
+    for attempt in range(attempts):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            break
+        except (OSError, TypeError):
+            return []
+        except SystemError:  # the cross-thread AST race above: the same source parses on a retry
+            if attempt == attempts - 1:
+                raise
+    return tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
 
 
 def _hints(cls: type) -> dict[str, Any]:
