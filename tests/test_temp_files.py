@@ -79,28 +79,12 @@ def test_a_worker_that_resizes_images_and_encodes_text_imports_no_wandb(tmp_path
 
 
 @pytest.mark.slow
-def test_the_whole_pipeline_leaves_the_temp_dir_as_it_found_it_and_no_mlflow_store(tmp_path) -> None:
-    """The demo (ingest, autoencoder, precompute, train with in-training evals and its diffusers export,
-    generate) on its own embedded Ray,
-    with --no-mlflow: the workers inherit TMPDIR, and no stage may create ./mlruns either."""
-    temp, work = tmp_path / "tmp", tmp_path / "work"
-    temp.mkdir()
-    work.mkdir()
-    ray_tmp = tempfile.mkdtemp(prefix="lfray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = venv_env(TMPDIR=str(temp), RAY_TMPDIR=ray_tmp, RAY_raylet_start_wait_time_s="120")
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LATENTFORGE_PIPELINE_RUN_ID"):
-        env.pop(key, None)
-    try:
-        proc = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), "--preset", "smoke",
-                               "--out", str(work / "demo_output"), "--no-mlflow",
-                               # every stage once, not the preset's learning run: 12 steps, evals at 6
-                               "--steps", "12", "--batch-size", "8", "--eval-every", "6", "--checkpoint-every", "6",
-                               "--autoencoder-steps", "12"],
-                              cwd=work, env=env, capture_output=True, text=True, timeout=1500)
-    finally:
-        subprocess.run(["rm", "-rf", ray_tmp], check=False)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    assert "train: eval at step 6" in log and "MLflow: off (--no-mlflow)" in log
-    assert left_behind(temp) == []
-    assert [str(p) for p in work.rglob("mlruns")] == []
+@pytest.mark.timeout(2700)  # it waits for the smoke demo (tests/harness/demo_run.py)
+def test_the_whole_demo_leaves_the_temp_dir_as_it_found_it_and_no_mlflow_store(demo_smoke_run) -> None:
+    """The smoke demo (ingest, autoencoder, precompute, base and upscaler training with in-training evals
+    and exports, generate, evaluate) on its own embedded Ray, logging to a tracking server: the workers
+    inherit TMPDIR, and no stage may fall back to a local ./mlruns store either."""
+    assert "train: eval at step" in demo_smoke_run.log
+    assert left_behind(demo_smoke_run.temp) == []
+    assert [str(p) for p in demo_smoke_run.cwd.rglob("mlruns")] == []
+    assert [str(p) for p in demo_smoke_run.out.rglob("mlruns")] == []

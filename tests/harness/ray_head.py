@@ -7,6 +7,7 @@ head runs with `--block` in its own process group so teardown stops exactly this
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -108,12 +109,16 @@ class RayHead:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        # SIGTERM to `ray start` alone: it drains its node through the GCS and stops its children.
+        # Sent to the whole group, the GCS dies first and the drain waits 60 s for it.
+        self.process.terminate()
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of the group outlived the shutdown
+        self.process.wait(timeout=30)
 
 
 def start_simulated_cluster(num_nodes: int = 2, cpus_per_node: int = 1, distinct_ips: bool = False) -> Any:
