@@ -305,7 +305,7 @@ def run(config: DemoConfig) -> DemoResult:
         pipeline.stage_run.log_params(config_to_dict(config))
         # One embedded Ray for every stage, started after the pipeline run id is in the
         # environment so Ray workers (the training loop) inherit it.
-        where = init_ray(num_cpus=config.num_cpus)
+        where = init_ray(num_cpus=config.num_cpus, trains=True)  # the demo trains too
         print(f"demo: stages run on {where}; MLflow: {uri or 'off (--no-mlflow)'}", flush=True)
         stages = run_pipeline(config, paths, pipeline, clip_weights, timings)
         result = {"pipeline_run_id": pipeline.run_id, "experiment_id": _experiment_id(pipeline), "tracking_uri": uri,

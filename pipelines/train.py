@@ -183,7 +183,7 @@ def run(config: TrainConfig) -> TrainResult:
         preflight(manifest, config.export_formats, config.mlflow, upscaler)  # refused now, not after training
     config.run_name = config.run_name or run_storage.default_run_name()
     config.storage_path = _absolute_storage(config.storage_path)
-    where = init_ray()
+    where = init_ray(trains=True)
     nodes = _node_addresses()
     run_storage.check_storage(config.storage_path, nodes, config.storage_is_shared)
     if config.storage_is_shared and run_storage.is_local_path(config.storage_path) and len(set(nodes)) > 1:

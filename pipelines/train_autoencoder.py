@@ -100,7 +100,7 @@ def run(config: AutoencoderTrainConfig) -> AutoencoderResult:
     work = plan(config)
     config.run_name = config.run_name or "autoencoder-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     config.storage_path = _absolute_storage(config.storage_path)
-    where = init_ray()
+    where = init_ray(trains=True)
     run_storage.check_storage(config.storage_path, _node_addresses(), config.storage_is_shared)
     previous = _check_previous(config, work["digest"])
     resolved = config_to_dict(config)

@@ -18,9 +18,9 @@ from latentforge.manifest import read_manifest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 SMOKE = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs/configs/demo/smoke.yaml").read_text())
-# The smoke preset trains long enough to learn colour (measured: 17% untrained -> 62% trained, see the
+# The smoke preset trains long enough to learn colour (measured: 17% untrained -> 67% trained, see the
 # preset). The untrained UNet hits the requested colour by chance (about 1/6); the trained one must
-# beat it by this margin, 6 of 24 prompts, with 5 prompts to spare for another CPU's rounding.
+# beat it by this margin, 6 of 24 prompts, with 6 prompts to spare for another CPU's rounding.
 COLOUR_MARGIN = 0.25
 
 
@@ -61,6 +61,8 @@ def test_demo_writes_every_stage_and_a_summary(demo_smoke_run) -> None:
     assert metrics["sr_num_pairs"] == SMOKE["heldout"] and math.isfinite(metrics["sr_psnr"])
     assert metrics["sr_psnr_gain_db"] == pytest.approx(metrics["sr_psnr"] - metrics["bicubic_psnr"])
     assert (out / "sr_fidelity" / "comparison.png").is_file()
+    # Ray Train's placement-group cleaner finds no State API in the embedded Ray: muted, not a warning a second.
+    assert "State API may be temporarily unavailable" not in (out.parent / "demo.log").read_text()
     # The printed summary says where everything is and gives the before/after numbers.
     text = demo_smoke_run.log
     for needle in ("LatentForge demo", str(out / "shards"), str(out / "latents"), "adherence: colour",
