@@ -18,6 +18,7 @@ from latentforge.config import ConfigError
 from latentforge.evaluation.eval_set import EvalSet, iter_samples, open_eval_set
 from latentforge.evaluation.sr_fidelity import (FidelityMeter, comparison_picture, fidelity_table, held_out_images,
                                                 sr_fidelity)
+from latentforge.generation.outputs import read_png_meta
 from latentforge.generation.sampler import SampleParams
 from latentforge.models.text_encoder import save_tiny_clip_checkpoint
 from latentforge.training.config import TrainConfig
@@ -228,7 +229,10 @@ def test_cascade_scores_every_stage_at_its_resolution(stages, tmp_path, mlflow_s
     # The base stage of the cascade is the base evaluated alone (same captions and seeds): same images.
     assert cascade["clip_score_16px"] == pytest.approx(alone["clip_score"], abs=1e-4)
     assert np.array_equal(_pixels(tmp_path / "cascade" / "grid_16px.png"), _pixels(tmp_path / "alone" / "grid.png"))
-    assert _pixels(tmp_path / "cascade" / "grid_32px.png").shape[0] > _pixels(tmp_path / "alone" / "grid.png").shape[0]
+    # Both grids show their tiles at 128 px: the 16 px samples enlarged x8, the 32 px ones x4.
+    scales = {name: read_png_meta(str(tmp_path / "cascade" / name))["display_scale"] for name in ("grid_16px.png",
+                                                                                                 "grid_32px.png")}
+    assert scales == {"grid_16px.png": 8, "grid_32px.png": 4}
     # Each training run gets its own stage's numbers.
     assert _latest(client, runs["base"])["eval/fid_16px"] == pytest.approx(cascade["fid_16px"])
     assert _latest(client, runs["sr"])["eval/clip_score_32px"] == pytest.approx(cascade["clip_score_32px"])

@@ -192,8 +192,12 @@ def test_outputs_png_metadata_grid_and_index(kl_model, tmp_path) -> None:
     arrays = [np.asarray(Image.open(tmp_path / "out" / r["file"])) for r in lines]
     save_grid(str(tmp_path / "out" / GRID_NAME), arrays, columns=2)
     grid = np.asarray(Image.open(tmp_path / "out" / GRID_NAME))
-    assert grid.shape == (32 + 4, 64 + 6, 3)
-    assert np.array_equal(grid[2:34, 2:34], arrays[0]) and np.array_equal(grid[2:34, 36:68], arrays[1])
+    # 32 px samples are shown x4 in the grid (nearest: each pixel a 4x4 block), the files keep their 32 px
+    assert read_png_meta(str(tmp_path / "out" / GRID_NAME))["display_scale"] == 4
+    assert grid.shape == (128 + 4, 256 + 6, 3)
+    enlarged = [a.repeat(4, axis=0).repeat(4, axis=1) for a in arrays]
+    assert np.array_equal(grid[2:130, 2:130], enlarged[0]) and np.array_equal(grid[2:130, 132:260], enlarged[1])
+    assert Image.open(tmp_path / "out" / "000000.png").size == (32, 32)
     assert contact_sheet(arrays * 3).shape[:2] == (2 * 32 + 6, 3 * 32 + 8)
     # The promise (docs/architecture.md, "Reproducibility"): the same batch on the same machine gives the same bytes; the
     # same request in another batch composition gives the same image within one uint8 level.

@@ -25,8 +25,6 @@ from latentforge.precompute.preprocess import preprocess_image
 from latentforge.upscaler.degradation import Degradation, bicubic_upsample
 
 METHODS = ("sr", "bicubic")
-DISPLAY_SIDE = 128
-"""The comparison picture's tiles are enlarged (nearest neighbour) to at least this many px."""
 
 
 @dataclass
@@ -162,12 +160,11 @@ def comparison_picture(result: SrFidelity) -> np.ndarray:
     """uint8 sheet, one row per pair: low-res | bicubic | SR | real, enlarged with nearest neighbour."""
     from PIL import Image
 
-    from latentforge.generation.outputs import contact_sheet
+    from latentforge.generation.outputs import DISPLAY_TILE, contact_sheet
 
     if not result.preview:
         raise ValueError("no pairs to show")
-    scale = max(1, -(-DISPLAY_SIDE // result.resolution))
-    side = result.resolution * scale
+    side = result.resolution * max(1, DISPLAY_TILE // result.resolution)  # the low-res input enlarged further
     tiles = [np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.NEAREST))
              for row in result.preview for im in row]
     return contact_sheet(tiles, columns=4)

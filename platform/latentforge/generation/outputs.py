@@ -22,6 +22,8 @@ from latentforge import storage
 INDEX_NAME = "index.jsonl"
 GRID_NAME = "grid.png"
 META_KEY = "latentforge"
+DISPLAY_TILE = 128
+"""A grid shows each image at least this many pixels high or wide (or as it is when larger)."""
 
 
 @dataclass
@@ -117,9 +119,22 @@ def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, pad:
     return sheet
 
 
+def display_scale(images: Sequence[np.ndarray], tile: int = DISPLAY_TILE) -> int:
+    """The whole factor that brings the largest image up to about `tile` px: 16 px samples x8."""
+    return max(1, tile // max(max(i.shape[:2]) for i in images))
+
+
 def save_grid(path: str, images: Sequence[np.ndarray], meta: dict[str, Any] | None = None,
               columns: int | None = None) -> str:
-    storage.atomic_write_bytes(path, png_bytes(contact_sheet(images, columns), meta or {}))
+    """A contact sheet of the images, small ones enlarged (nearest, so pixels stay pixels) to be looked at;
+    the factor is recorded as `display_scale` in the PNG's metadata. The per-request PNGs keep their size."""
+    from PIL import Image
+
+    scale = display_scale(images) if images else 1
+    if scale > 1:
+        images = [np.asarray(Image.fromarray(i).resize((i.shape[1] * scale, i.shape[0] * scale), Image.NEAREST))
+                  for i in images]
+    storage.atomic_write_bytes(path, png_bytes(contact_sheet(images, columns), {**(meta or {}), "display_scale": scale}))
     return path
 
 
