@@ -74,6 +74,12 @@ def _params(config: EvaluateConfig) -> Any:
                         negative_prompt=config.negative_prompt)
 
 
+def _upscaler_params(config: EvaluateConfig) -> Any:
+    from latentforge.upscaler.cascade import upscaler_params
+
+    return upscaler_params(_params(config), config.upscaler_steps, config.upscaler_guidance)
+
+
 def _metric_rows(metrics: dict[str, float], info: dict[str, Any], suffix: str = "") -> list[tuple[str, Any]]:
     """Summary rows of FID / CLIP score (names ending with `suffix`, e.g. '_32px')."""
     rows: list[tuple[str, Any]] = []
@@ -130,7 +136,8 @@ def _score_cascade(config: EvaluateConfig, eval_set: Any, device: Any, dtype: An
     upscalers = [Upscaler(e, device, dtype, config.text_states) for e in exports]
     scored = score_cascade(model.sampler(device=device, dtype=dtype, text_states=config.text_states), upscalers,
                            eval_set, config.num_samples, _params(config), config.noise_level, seed=config.seed,
-                           batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir)
+                           batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir,
+                           upscaler_params=_upscaler_params(config))
     sizes = scored.info["resolutions"]
     sources = [(export, {k: v for k, v in scored.metrics.items() if k.endswith(f"_{size}px")})
                for export, size in zip([model, *exports], sizes)]
@@ -154,11 +161,12 @@ def _score_sr(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) ->
     check_noise_level(config.noise_level, int(record["noise_level_range"][1]))
     held = held_out_images(eval_set, int(record["resolution"]), config.num_samples)
     export = load_export(export_dir, device=device, dtype=dtype)
-    result = sr_fidelity(Upscaler(export, device, dtype, config.text_states), held, _params(config),
+    params = _upscaler_params(config)
+    result = sr_fidelity(Upscaler(export, device, dtype, config.text_states), held, params,
                          config.noise_level, seed=config.seed, batch_size=config.batch_size,
                          degradation_seed=config.seed)
     info = {"eval_set": config.eval_set, "keys": held.keys, "noise_level": config.noise_level,
-            "sampler": config.sampler, "steps": config.steps, "guidance": config.guidance, "seed": config.seed,
+            "sampler": config.sampler, "steps": params.steps, "guidance": params.guidance, "seed": config.seed,
             "lowres_size": result.lowres_size, "resolution": result.resolution,
             "degradation": {**record.get("degradation", {}), "factor": record["lowres_factor"], "seed": config.seed},
             "metric": "torchmetrics PSNR (data_range 1, all pixels) / SSIM (Gaussian window, mean over images)"}

@@ -21,8 +21,8 @@ from latentforge.config import ConfigError, config_to_dict
 from latentforge.generation.config import GenerateConfig
 from latentforge.generation.outputs import GRID_NAME, INDEX_NAME, Request, load_prompts, request_row, save_grid, \
     save_png, write_index
-from latentforge.upscaler.cascade import Cascade, base_output_size, image_files, load_images, plan_cascade, \
-    run_upscalers
+from latentforge.upscaler.cascade import (Cascade, base_output_size, image_files, load_images, plan_cascade,
+                                         run_upscalers, upscaler_params)
 from pipelines.generate import GenerateResult
 
 
@@ -42,6 +42,10 @@ def _params(config: GenerateConfig, size: int) -> Any:
 
     return SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
                         negative_prompt=config.negative_prompt, height=size, width=size)
+
+
+def _upscaler_params(config: GenerateConfig, size: int) -> Any:
+    return upscaler_params(_params(config, size), config.upscaler_steps, config.upscaler_guidance)
 
 
 class Stages:
@@ -67,8 +71,8 @@ class Stages:
         if self.base is not None:
             made = self.base.txt2img(prompts, seeds, _params(self.config, self.cascade.input_size), len(requests))
             images = np.stack([m.to_uint8() for m in made])  # what a PNG of the base stage stores
-        stages = run_upscalers(self.upscalers, images, prompts, seeds, _params(self.config, self.cascade.input_size),
-                               self.config.noise_level)
+        stages = run_upscalers(self.upscalers, images, prompts, seeds,
+                               _upscaler_params(self.config, self.cascade.input_size), self.config.noise_level)
         return np.stack([m.to_uint8() for m in stages[-1]]), stages[-1][0].meta
 
 

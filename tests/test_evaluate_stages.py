@@ -220,8 +220,11 @@ def test_cascade_scores_every_stage_at_its_resolution(stages, tmp_path, mlflow_s
               "--cache-dir", str(tmp_path / "cache"), "--noise-level", "5", "--clip-model", "lf-tiny-clip",
               "--clip-weights", stages["clip"]]
     fid = ["--fid-weights", stages["inception"], "--fid-weights-sha256", stages["inception_sha"]]
-    assert main(["--model", base, "--upscaler", sr, "--out", str(tmp_path / "cascade"), *common, *fid]) == 0
+    assert main(["--model", base, "--upscaler", sr, "--out", str(tmp_path / "cascade"), "--upscaler-steps", "3",
+                 *common, *fid]) == 0
     assert main(["--model", base, "--out", str(tmp_path / "alone"), *common]) == 0  # no FID: a costly Fréchet
+    cascade_info = json.loads((tmp_path / "cascade" / "metrics.json").read_text())["info"]
+    assert (cascade_info["steps"], cascade_info["upscaler_steps"]) == (2, 3)
     cascade = json.loads((tmp_path / "cascade" / "metrics.json").read_text())["metrics"]
     alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())["metrics"]
     assert {"fid_16px", "fid_32px", "clip_score_16px", "clip_score_32px"} <= set(cascade)

@@ -45,8 +45,8 @@ def generate(tmp_path, out: str, **options) -> list[np.ndarray]:
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on the left\na blue square at the top\n")
-    config = GenerateConfig(prompts=str(prompts), out=str(tmp_path / out), steps=3, guidance=2.0, seed=5,
-                            mlflow=False, progress=False, **options)
+    config = GenerateConfig(**{"prompts": str(prompts), "out": str(tmp_path / out), "steps": 3, "guidance": 2.0,
+                               "seed": 5, "mlflow": False, "progress": False, **options})
     run(config)
     files = sorted(f for f in os.listdir(tmp_path / out) if f[0].isdigit() and f.endswith(".png"))
     return [np.asarray(Image.open(tmp_path / out / f).convert("RGB")) for f in files]
@@ -63,6 +63,25 @@ def test_cascade_equals_the_stages_run_by_hand_with_the_same_seeds(models, tmp_p
     other_level = generate(tmp_path, "level", upscaler=models["sr"], init_images=str(tmp_path / "base"),
                            noise_level=90)
     assert any(not np.array_equal(a, b) for a, b in zip(by_hand, other_level))  # the level reaches the UNet
+
+
+def test_upscaler_steps_and_guidance_are_the_upscalers_own(models, tmp_path) -> None:
+    """--upscaler-steps / --upscaler-guidance: the base keeps --steps / --guidance, every SR stage takes these."""
+    from latentforge.generation.outputs import read_png_meta
+
+    cascade = generate(tmp_path, "cascade", model=models["base"], upscaler=models["sr"], upscaler_steps=5,
+                       upscaler_guidance=1.0)
+    generate(tmp_path, "base", model=models["base"])  # steps 3, guidance 2.0
+    by_hand = generate(tmp_path, "by_hand", upscaler=models["sr"], init_images=str(tmp_path / "base"),
+                       steps=5, guidance=1.0)
+    for a, b in zip(cascade, by_hand):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    meta = read_png_meta(str(tmp_path / "cascade" / "000000.png"))
+    assert (meta["steps"], meta["guidance"]) == (5, 1.0)
+    shared = generate(tmp_path, "shared", model=models["base"], upscaler=models["sr"])
+    assert any(not np.array_equal(a, b) for a, b in zip(cascade, shared))  # the SR stage did change
+    with pytest.raises(ValueError, match="upscaler_steps"):
+        GenerateConfig(prompts="p", out="o", upscaler_steps=0)
 
 
 def test_refusals_before_any_model_loads(models, tmp_path) -> None:

@@ -32,6 +32,10 @@ class EvaluateConfig(TrackingOptions):
     """Captions sampled (first N of the eval set, one image each) = N of the FID; SR fidelity: held-out pairs."""
     noise_level: int = 20
     """Upscalers: noise-augmentation level of the low-res input, within the stage's trained range."""
+    upscaler_steps: int | None = None
+    """Upscalers: denoising steps of every super-resolution stage (default: --steps)."""
+    upscaler_guidance: float | None = None
+    """Upscalers: classifier-free guidance scale of every super-resolution stage (default: --guidance)."""
     sampler: str = "ddim"
     """ddpm | ddim | dpmsolver++ | euler."""
     steps: int = 50
@@ -71,8 +75,8 @@ class EvaluateConfig(TrackingOptions):
             raise ValueError("num_samples must be >= 2")
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or (self.upscaler_steps is not None and self.upscaler_steps < 1):
+            raise ValueError("steps, upscaler_steps and batch_size must be >= 1")
         if self.text_states not in ("auto", *TEXT_STATE_MODES):
             raise ValueError(f"text_states must be auto or one of {list(TEXT_STATE_MODES)}")
         if self.dtype not in DTYPES:

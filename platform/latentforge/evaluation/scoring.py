@@ -120,20 +120,23 @@ class CascadeScores:
 
 
 def cascade_images(base: Any, upscalers: list[Any], captions: list[str], seeds: list[int], params: Any,
-                   noise_level: int) -> list[list[Any]]:
-    """Every stage's `GeneratedImage`s for one batch: base txt2img, then each upscaler on the previous
-    stage's images rounded to uint8 (what a PNG between stages stores, as `jobs/generate.py` does)."""
+                   noise_level: int, upscaler_params: Any | None = None) -> list[list[Any]]:
+    """Every stage's `GeneratedImage`s for one batch: base txt2img, then each upscaler (with `upscaler_params`,
+    default `params`) on the previous stage's images rounded to uint8 (what a PNG between stages stores, as
+    `jobs/generate.py` does)."""
     from latentforge.upscaler.cascade import run_upscalers
 
     made = base.txt2img(captions, seeds, replace(params, height=None, width=None), batch_size=len(captions))
     images = np.stack([m.to_uint8() for m in made])  # (B, h, w, 3)
-    return [made, *run_upscalers(upscalers, images, captions, seeds, params, noise_level)]
+    return [made, *run_upscalers(upscalers, images, captions, seeds, upscaler_params or params, noise_level)]
 
 
 def score_cascade(base: Any, upscalers: list[Any], eval_set: EvalSet, num_samples: int, params: Any,
                   noise_level: int, seed: int = 0, batch_size: int = 8, inception: InceptionFeatures | None = None,
-                  clip: ClipScorer | None = None, cache_dir: str | None = None, preview: int = 16) -> CascadeScores:
+                  clip: ClipScorer | None = None, cache_dir: str | None = None, preview: int = 16,
+                  upscaler_params: Any | None = None) -> CascadeScores:
     """FID and CLIP score of every stage at its own resolution (FID reference: the real images resized to it)."""
+    upscaler_params = upscaler_params or params
     samples = first_samples(eval_set, num_samples)
     captions = [s.caption for s in samples]
     sizes = [base.default_resolution, *(u.resolution for u in upscalers)]
@@ -142,13 +145,14 @@ def score_cascade(base: Any, upscalers: list[Any], eval_set: EvalSet, num_sample
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
         stages = cascade_images(base, upscalers, chunk, [seed + start + i for i in range(len(chunk))], params,
-                                noise_level)
+                                noise_level, upscaler_params)
         for size, stage_scores, images in zip(sizes, scores, stages):
             stage_scores.add(images, chunk)
             previews[size].extend(im.to_uint8() for im in images[:max(0, preview - len(previews[size]))])
     metrics: dict[str, float] = {"num_samples": float(len(samples))}
     info: dict[str, Any] = {"eval_set": eval_set.uri, "sampler": params.sampler, "steps": params.steps,
                             "guidance": params.guidance, "seed": seed, "noise_level": noise_level,
+                            "upscaler_steps": upscaler_params.steps, "upscaler_guidance": upscaler_params.guidance,
                             "resolutions": sizes}
     for size, stage_scores in zip(sizes, scores):
         stage_metrics, stage_info = stage_scores.finish(eval_set, samples, size, batch_size, cache_dir)

@@ -48,6 +48,10 @@ class GenerateConfig(TrackingOptions):
     noise_level: int = 20
     """Upscalers: noise-augmentation level of the low-res input, within the stage's trained [0, max_noise_level]
     (SD x4's default 20); higher hides more of the input's artefacts and more of its detail."""
+    upscaler_steps: int | None = None
+    """Upscalers: denoising steps of every super-resolution stage (default: --steps, which the base uses)."""
+    upscaler_guidance: float | None = None
+    """Upscalers: classifier-free guidance scale of every super-resolution stage (default: --guidance)."""
     batch_size: int = 4
     """Prompts per UNet batch."""
     height: int | None = None
@@ -78,8 +82,8 @@ class GenerateConfig(TrackingOptions):
 
     def __post_init__(self) -> None:
         self.sampler = canonical_sampler(self.sampler)
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
+        if self.steps < 1 or (self.upscaler_steps is not None and self.upscaler_steps < 1):
+            raise ValueError("steps and upscaler_steps must be >= 1")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if self.batch_size < 1 or self.concurrency < 1:

@@ -105,6 +105,14 @@ def load_images(paths: list[str], size: int) -> np.ndarray:
     return np.stack(arrays)
 
 
+def upscaler_params(params: Any, steps: int | None, guidance: float | None) -> Any:
+    """The super-resolution stages' `SampleParams`: the base's, with their own steps / guidance where given
+    (`--upscaler-steps`, `--upscaler-guidance`)."""
+    from dataclasses import replace
+
+    return replace(params, steps=steps or params.steps, guidance=params.guidance if guidance is None else guidance)
+
+
 def run_upscalers(upscalers: list[Any], images: np.ndarray, prompts: list[str], seeds: list[int], params: Any,
                   noise_level: int) -> list[list[Any]]:
     """Each upscaler on the previous stage's images, uint8 (B, h, w, 3) in; every stage's `GeneratedImage`s out.
