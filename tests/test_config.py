@@ -73,6 +73,19 @@ def test_preset_then_flags_override(tmp_path) -> None:
     assert config_to_dict(config)["retry_reasons"] == ["timeout", "http_5xx"]
 
 
+def test_list_options_repeat_or_take_a_comma_list(tmp_path) -> None:
+    config = parse_config(DemoConfig, ["--retry-reasons", "timeout", "--retry-reasons", "http_5xx,dns"])
+    assert config.retry_reasons == ["timeout", "http_5xx", "dns"]
+    (tmp_path / "p.yaml").write_text("retry_reasons: [timeout]\n")
+    assert parse_config(DemoConfig, ["--preset", str(tmp_path / "p.yaml"), "--retry-reasons", "dns"]).retry_reasons == ["dns"]
+    # a cascade's stages: `--upscaler SR --upscaler SR2` (docs/super_resolution.md) or one comma list
+    from latentforge.generation.config import GenerateConfig
+
+    repeated = parse_config(GenerateConfig, ["--model", "m", "--upscaler", "sr1", "--upscaler", "sr2"])
+    assert repeated.upscalers == parse_config(GenerateConfig, ["--upscaler", "sr1,sr2"]).upscalers == ["sr1", "sr2"]
+    assert GenerateConfig(upscaler="a, b").upscalers == ["a", "b"]  # built in code from one string
+
+
 def test_help_shows_field_docstrings(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         parse_config(DemoConfig, ["--help"])

@@ -25,11 +25,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Untrained tiny exports: a 16 px base, a 16 -> 32 px upscaler and a 8 -> 32 px one (factor 4)."""
+    """Untrained tiny exports: a 16 px base, a 16 -> 32 px upscaler, a 8 -> 32 px one (factor 4) and a
+    32 -> 64 px one (the second stage of a two-stage cascade)."""
     root = tmp_path_factory.mktemp("cascade")
     clip = str(save_tiny_clip_checkpoint(root / "clip.safetensors"))
     low = write_scene_latents(root / "lat16", clip, count=8, resolution=16, shard_size=8)
     high = write_scene_latents(root / "lat32", clip, count=8, resolution=32, shard_size=8)
+    higher = write_scene_latents(root / "lat64", clip, count=4, resolution=64, shard_size=4)
     upscaler = dict(stage="upscaler", max_noise_level=100, ema_decay=0, batch_size=4)
     return {
         "base": export(make_trainer(low, TrainConfig(data=str(low.dir), ema_decay=0)), low, root / "base"),
@@ -37,6 +39,8 @@ def models(tmp_path_factory):
                      root / "sr"),
         "sr4": export(make_trainer(high, TrainConfig(data=str(high.dir), lowres_factor=4, **upscaler)), high,
                       root / "sr4"),
+        "sr64": export(make_trainer(higher, TrainConfig(data=str(higher.dir), lowres_factor=2, **upscaler)), higher,
+                       root / "sr64"),
     }
 
 
@@ -63,6 +67,27 @@ def test_cascade_equals_the_stages_run_by_hand_with_the_same_seeds(models, tmp_p
     other_level = generate(tmp_path, "level", upscaler=models["sr"], init_images=str(tmp_path / "base"),
                            noise_level=90)
     assert any(not np.array_equal(a, b) for a, b in zip(by_hand, other_level))  # the level reaches the UNet
+
+
+def test_a_two_stage_cascade_from_the_job_with_upscaler_repeated(models, tmp_path) -> None:
+    """`jobs/generate.py --model BASE --upscaler SR --upscaler SR2`: 16 -> 32 -> 64 px, the second stage on
+    the first one's output, as running it by hand on the 32 px cascade's PNGs."""
+    from jobs.demo import load_job  # jobs/generate.py as `python jobs/generate.py` loads it
+
+    main = load_job("generate")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\n")
+    common = ["--prompts", str(prompts), "--steps", "3", "--guidance", "2.0", "--seed", "5", "--no-mlflow",
+              "--no-progress"]
+    assert main(["--model", models["base"], "--upscaler", models["sr"], "--upscaler", models["sr64"],
+                 "--out", str(tmp_path / "two"), *common]) == 0
+    assert main(["--model", models["base"], "--upscaler", models["sr"], "--out", str(tmp_path / "one"), *common]) == 0
+    assert main(["--upscaler", models["sr64"], "--init-images", str(tmp_path / "one"), "--out",
+                 str(tmp_path / "by_hand"), *common]) == 0
+    read = lambda d: [np.asarray(Image.open(tmp_path / d / f"00000{i}.png").convert("RGB")) for i in (0, 1)]  # noqa: E731
+    assert [a.shape for a in read("two")] == [(64, 64, 3)] * 2
+    for a, b in zip(read("two"), read("by_hand")):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def test_upscaler_steps_and_guidance_are_the_upscalers_own(models, tmp_path) -> None:

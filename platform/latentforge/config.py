@@ -62,6 +62,20 @@ def _class_body(klass: type, attempts: int = 3) -> list[ast.stmt]:
     return tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
 
 
+def comma_list(value: str | Sequence[str]) -> list[str]:
+    """A comma list given as one string or as a sequence of strings (each may hold commas), stripped."""
+    parts = [value] if isinstance(value, str) else list(value)
+    return [item.strip() for part in parts for item in part.split(",") if item.strip()]
+
+
+def _factory_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _is_list(tp: Any) -> bool:
+    return typing.get_origin(_strip_optional(tp)[0]) in (list, tuple)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -151,11 +165,14 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _strip_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING else _factory_default(f)
         help_text = docs.get(f.name, "")
         if tp is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        elif _is_list(hints[f.name]):  # repeatable: --condition a=1 --condition b=2 is --condition a=1,b=2
+            parser.add_argument(_flag(f.name), dest=f.name, action="append", default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=f"{help_text} (repeatable; default: {default!r})")
         else:
             parser.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS,
                                 metavar=f.name.upper(), help=f"{help_text} (default: {default!r})")
@@ -198,7 +215,7 @@ def parse_config(
     args = vars(parser.parse_args(argv))
     preset, print_only = args.pop("preset"), args.pop("print_config")
     values: dict[str, Any] = load_yaml(resolve_preset(preset, preset_dir)) if preset else {}
-    values.update(args)
+    values.update({k: ",".join(v) if isinstance(v, list) else v for k, v in args.items()})  # repeated flags
     try:
         config = from_dict(cls, values)
     except ValueError as exc:  # ConfigError, or a __post_init__ check

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from latentforge.config import comma_list
 from latentforge.diffusion.schedulers import canonical_sampler
 from latentforge.evaluation.fid import INCEPTION_SHA256
 from latentforge.generation.config import DTYPES
@@ -19,8 +20,8 @@ class EvaluateConfig(TrackingOptions):
     model: str = ""
     """Export dir, a training run dir holding export/, an MLflow run id, a diffusers folder made by
     jobs/export_model.py, or models:/NAME/VERSION (all lead to the same train export)."""
-    upscaler: str = ""
-    """Super-resolution export(s), a comma list: with --model the cascade's FID / CLIP score at every stage's
+    upscaler: list[str] = field(default_factory=list)
+    """Super-resolution export(s), repeated or a comma list: with --model the cascade's FID / CLIP score at every stage's
     resolution; alone (one export) its SR fidelity on --eval-set's held-out images against bicubic."""
     eval_set: str = ""
     """Latent shards with captions (precompute output) or image shards (ingest output); for SR fidelity the
@@ -71,6 +72,7 @@ class EvaluateConfig(TrackingOptions):
 
     def __post_init__(self) -> None:
         self.sampler = canonical_sampler(self.sampler)
+        self.upscaler = comma_list(self.upscaler)
         if self.num_samples < 2:
             raise ValueError("num_samples must be >= 2")
         if self.noise_level < 0:
@@ -84,7 +86,7 @@ class EvaluateConfig(TrackingOptions):
 
     @property
     def upscalers(self) -> list[str]:
-        return [u.strip() for u in self.upscaler.split(",") if u.strip()]
+        return list(self.upscaler)
 
     def check_required(self) -> None:
         missing = [] if self.model or self.upscalers else ["--model (or --upscaler)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from latentforge.config import comma_list
 from latentforge.diffusion.schedulers import canonical_sampler
 from latentforge.generation.sampler import TEXT_STATE_MODES
 from latentforge.tracking import TrackingOptions
@@ -39,9 +40,9 @@ class GenerateConfig(TrackingOptions):
     """img2img: the input image (its size is resized to the output size)."""
     strength: float = 0.75
     """img2img denoising strength in [0, 1]: 0 returns the input, 1 ignores it (txt2img)."""
-    upscaler: str = ""
-    """Super-resolution stage export(s), a comma list in order: with --model each upsamples the previous stage's
-    images (a cascade), alone they upsample --init-images (docs/super_resolution.md)."""
+    upscaler: list[str] = field(default_factory=list)
+    """Super-resolution stage export(s) in order, repeated or a comma list: with --model each upsamples the previous
+    stage's images (a cascade), alone they upsample --init-images (docs/super_resolution.md)."""
     init_images: str | None = None
     """With --upscaler and no --model: a directory of low-res images, taken sorted by name (a generate output's
     grid.png skipped); --prompts gives one prompt per image or one for all."""
@@ -82,6 +83,7 @@ class GenerateConfig(TrackingOptions):
 
     def __post_init__(self) -> None:
         self.sampler = canonical_sampler(self.sampler)
+        self.upscaler = comma_list(self.upscaler)
         if self.steps < 1 or (self.upscaler_steps is not None and self.upscaler_steps < 1):
             raise ValueError("steps and upscaler_steps must be >= 1")
         if not 0.0 <= self.strength <= 1.0:
@@ -109,7 +111,7 @@ class GenerateConfig(TrackingOptions):
 
     @property
     def upscalers(self) -> list[str]:
-        return [u.strip() for u in self.upscaler.split(",") if u.strip()]
+        return list(self.upscaler)
 
     def settings(self) -> dict:
         """What fixes the pixels of an output; a rerun into the same dir must keep these."""
