@@ -1,11 +1,13 @@
 """Super-resolution at generate time: `jobs/generate.py --upscaler SR [--model BASE]` (docs/super_resolution.md).
 
     --upscaler SR --init-images DIR       each image of DIR (sorted by name) -> SR
-    --model BASE --upscaler SR1,SR2       base txt2img -> SR1 -> SR2, request by request
+    --model BASE --upscaler SR1 --upscaler SR2       base txt2img -> SR1 -> SR2, request by request
 
 The chain is checked from the manifests first (sizes, channels: exit 2 before any model loads);
 `latentforge.upscaler.cascade` has the rules. Output: NNNNNN.png per request (the last stage's image,
-its provenance in the PNG), index.jsonl, grid.png and manifest.json, like plain generation.
+its provenance in the PNG), index.jsonl, grid.png and manifest.json, like plain generation; a rerun
+skips the requests whose PNG is there (same prompt, seed, last stage and noise level) and refuses
+other settings in the same output dir.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from latentforge import manifest as mf
 from latentforge import reporting, storage
 from latentforge.config import ConfigError, config_to_dict
 from latentforge.generation.config import GenerateConfig
-from latentforge.generation.outputs import GRID_NAME, INDEX_NAME, Request, load_prompts, request_row, save_grid, \
-    save_png, write_index
+from latentforge.generation.outputs import (GRID_NAME, INDEX_NAME, Request, finished, load_prompts, request_row,
+                                           save_grid, save_png, write_index)
 from latentforge.upscaler.cascade import (Cascade, base_output_size, image_files, load_images, plan_cascade,
                                          run_upscalers, upscaler_params)
 from pipelines.generate import GenerateResult
@@ -76,7 +78,7 @@ class Stages:
         return np.stack([m.to_uint8() for m in stages[-1]]), stages[-1][0].meta
 
 
-def _write(config: GenerateConfig, requests: list[Request], stages: Stages, inputs: np.ndarray | None,
+def _write(config: GenerateConfig, requests: list[Request], stages: Stages | None, inputs: np.ndarray | None,
            extra_meta: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for start in range(0, len(requests), config.batch_size):
@@ -101,7 +103,31 @@ def plan(config: GenerateConfig) -> tuple[Cascade, list[str] | None]:
     return plan_cascade(None, upscalers, None), image_files(config.init_images or "")
 
 
+def _settings(config: GenerateConfig, cascade: Cascade) -> dict[str, Any]:
+    """What fixes the pixels of an upscale output; a rerun into the same dir must keep these."""
+    return {"base": cascade.base, "upscalers": cascade.upscalers, "noise_level": config.noise_level,
+            "init_images": config.init_images or "", "upscaler_steps": config.upscaler_steps,
+            "upscaler_guidance": config.upscaler_guidance, "dtype": config.dtype, **config.settings()}
+
+
+def _start_manifest(config: GenerateConfig, cascade: Cascade, requests: list[Request]) -> mf.Manifest:
+    """The output's manifest, written before any image: a rerun with other settings is refused (exit 2)."""
+    settings = _settings(config, cascade)
+    if storage.exists(mf.manifest_uri(config.out)):
+        previous = mf.read_manifest(config.out, stage="generate")
+        try:
+            mf.require_same(previous.extra.get("settings", {}), settings, sorted(settings), config.out)
+        except mf.ManifestError as exc:  # a usage error: exit 2 like any bad option
+            raise ConfigError(str(exc)) from exc
+    manifest = mf.Manifest(stage="generate", config=config_to_dict(config), counts={"requests": len(requests)},
+                           inputs=[{"uri": d, "kind": "export"} for d in [cascade.base, *cascade.upscalers] if d],
+                           extra={"settings": settings, "cascade": settings})
+    mf.write_manifest(config.out, manifest)
+    return manifest
+
+
 def run(config: GenerateConfig) -> GenerateResult:
+    """Upscale every request not already finished in `config.out` (its PNG there, same prompt, seed, last stage)."""
     from latentforge.tracking import StageRun
 
     config.check_required()
@@ -110,32 +136,34 @@ def run(config: GenerateConfig) -> GenerateResult:
     inputs = load_images(files, cascade.input_size) if files else None
     requests = _requests(config, None if inputs is None else len(inputs))
     storage.makedirs(config.out)
-    settings = {"base": cascade.base, "upscalers": cascade.upscalers, "noise_level": config.noise_level,
-                "init_images": config.init_images or ""}
-    manifest = mf.Manifest(stage="generate", config=config_to_dict(config), counts={"requests": len(requests)},
-                           inputs=[{"uri": d, "kind": "export"} for d in [cascade.base, *cascade.upscalers] if d],
-                           extra={"settings": settings, "cascade": settings})
+    storage.remove_stale_temps(config.out)
+    manifest = _start_manifest(config, cascade, requests)
+    done = finished(config.out, requests, {"upscaler": cascade.upscalers[-1], "noise_level": config.noise_level})
+    todo = [r for r in requests if r.index not in done]
     with StageRun("generate", run_name=config.run_name or "upscale", enabled=config.mlflow) as tracker:
         tracker.log_params(config_to_dict(config))
         for export_dir in [cascade.base, *cascade.upscalers]:  # lineage: the training runs of every stage
             if export_dir:
                 tracker.log_manifest(export_dir, mf.manifest_digest(export_dir), "input")
-        stages = Stages(config, cascade)
-        rows = _write(config, requests, stages, inputs, {"stages": [cascade.base or "input", *cascade.upscalers]})
+        made = _write(config, todo, Stages(config, cascade) if todo else None,
+                      None if inputs is None else inputs[[r.index for r in todo]],
+                      {"stages": [cascade.base or "input", *cascade.upscalers]})
+        rows = sorted([*done.values(), *made], key=lambda r: r["index"])
         write_index(storage.join(config.out, INDEX_NAME), rows)
         save_grid(storage.join(config.out, GRID_NAME), [_read(config.out, r["file"]) for r in rows[:config.grid_max]])
-        manifest.counts.update(images=len(rows), generated=len(rows))
+        manifest.counts.update(images=len(rows), generated=len(made), skipped=len(done))
         manifest.extra.update(index=INDEX_NAME, grid=GRID_NAME)
         digest = mf.write_manifest(config.out, manifest)
         seconds = time.monotonic() - started
-        tracker.log_metrics({"images": len(rows), "seconds": seconds})
+        tracker.log_metrics({"images": len(rows), "generated": len(made), "seconds": seconds})
         tracker.log_manifest(config.out, digest, "output")
     summary = reporting.summary_table("generate (super-resolution)", [
         ("base", cascade.base or f"--init-images {config.init_images}"), ("upscalers", " -> ".join(cascade.upscalers)),
         ("sizes", f"{cascade.input_size} px -> {cascade.output_size} px"), ("noise level", config.noise_level),
-        ("images", len(rows)), ("output", config.out)])
-    return GenerateResult(out=config.out, total=len(requests), generated=len(rows), skipped=0, seconds=seconds,
-                          manifest_sha256=digest, mlflow_run_id=getattr(tracker, "run_id", None), summary=summary)
+        ("images", len(rows)), ("generated", len(made)), ("skipped (finished)", len(done)), ("output", config.out)])
+    return GenerateResult(out=config.out, total=len(requests), generated=len(made), skipped=len(done),
+                          seconds=seconds, manifest_sha256=digest, mlflow_run_id=getattr(tracker, "run_id", None),
+                          summary=summary)
 
 
 def _read(out: str, name: str) -> np.ndarray:

@@ -109,6 +109,29 @@ def test_upscaler_steps_and_guidance_are_the_upscalers_own(models, tmp_path) -> 
         GenerateConfig(prompts="p", out="o", upscaler_steps=0)
 
 
+def test_a_rerun_redoes_only_the_missing_images_and_refuses_other_settings(models, tmp_path) -> None:
+    from pipelines.generate import run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\na green circle at the bottom\n")
+    config = dict(prompts=str(prompts), out=str(tmp_path / "out"), model=models["base"], upscaler=models["sr"],
+                  steps=2, seed=5, mlflow=False, progress=False, batch_size=2)
+    first = run(GenerateConfig(**config))
+    assert (first.generated, first.skipped) == (3, 0)
+    out = tmp_path / "out"
+    before = np.asarray(Image.open(out / "000001.png").convert("RGB")).astype(int)
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("0*.png") if p.name != "000001.png"}
+    (out / "000001.png").unlink()  # as a run killed before its last batch
+    again = run(GenerateConfig(**config))
+    assert (again.generated, again.skipped) == (1, 2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("0*.png") if p.name != "000001.png"} == kept
+    # redone alone, not in its first batch of 2: the same image within one uint8 level (docs/architecture.md)
+    assert np.abs(np.asarray(Image.open(out / "000001.png").convert("RGB")).astype(int) - before).max() <= 1
+    assert len((out / "index.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(ConfigError, match="different settings.*noise_level"):
+        run(GenerateConfig(**{**config, "noise_level": 50}))
+
+
 def test_refusals_before_any_model_loads(models, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"takes 8x8 px low-res images but the base model .* makes 16x16 px"):
         generate(tmp_path, "a", model=models["base"], upscaler=models["sr4"])
