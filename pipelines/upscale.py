@@ -39,27 +39,41 @@ def _requests(config: GenerateConfig, count: int | None) -> list[Request]:
                       "or a single prompt")
 
 
-def _params(config: GenerateConfig, size: int) -> Any:
+def _params(config: GenerateConfig, size: int, conditions: dict[str, Any] | None = None) -> Any:
     from latentforge.generation.sampler import SampleParams
 
     return SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
-                        negative_prompt=config.negative_prompt, height=size, width=size)
+                        negative_prompt=config.negative_prompt, height=size, width=size, conditions=conditions or {})
 
 
 def _upscaler_params(config: GenerateConfig, size: int) -> Any:
     return upscaler_params(_params(config, size), config.upscaler_steps, config.upscaler_guidance)
 
 
+def base_conditions(config: GenerateConfig, cascade: Cascade) -> dict[str, Any]:
+    """`--condition` steers the base model (an upscaler's class label is its noise level); checked against
+    what the base's data recorded, before any model loads (ConfigError: exit 2)."""
+    from latentforge.conditioning.spec import ConditionSet
+    from latentforge.generation.export import read_data_manifest
+
+    if not config.condition:
+        return {}
+    if cascade.base is None:
+        raise ConfigError("--condition steers the base model: with --init-images there is none (upscalers take "
+                          "no class / scalar conditions)")
+    return ConditionSet.from_manifest(read_data_manifest(cascade.base)).parse_request(config.condition)
+
+
 class Stages:
     """The loaded models of a cascade; `run(requests, images)` -> the last stage's uint8 images."""
 
-    def __init__(self, config: GenerateConfig, cascade: Cascade) -> None:
+    def __init__(self, config: GenerateConfig, cascade: Cascade, conditions: dict[str, Any]) -> None:
         from latentforge.generation.devices import resolve_device, resolve_dtype
         from latentforge.generation.export import load_export
         from latentforge.upscaler.sampling import Upscaler
 
         device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-        self.config, self.cascade = config, cascade
+        self.config, self.cascade, self.conditions = config, cascade, conditions
         self.base = None
         if cascade.base:
             self.base = load_export(cascade.base, device=device, dtype=dtype).sampler(
@@ -71,7 +85,8 @@ class Stages:
         """uint8 (B, S, S, 3) of the last stage and the meta of its images."""
         prompts, seeds = [r.prompt for r in requests], [r.seed for r in requests]
         if self.base is not None:
-            made = self.base.txt2img(prompts, seeds, _params(self.config, self.cascade.input_size), len(requests))
+            params = _params(self.config, self.cascade.input_size, self.conditions)
+            made = self.base.txt2img(prompts, seeds, params, len(requests))
             images = np.stack([m.to_uint8() for m in made])  # what a PNG of the base stage stores
         stages = run_upscalers(self.upscalers, images, prompts, seeds,
                                _upscaler_params(self.config, self.cascade.input_size), self.config.noise_level)
@@ -133,6 +148,7 @@ def run(config: GenerateConfig) -> GenerateResult:
     config.check_required()
     started = time.monotonic()
     cascade, files = plan(config)
+    conditions = base_conditions(config, cascade)
     inputs = load_images(files, cascade.input_size) if files else None
     requests = _requests(config, None if inputs is None else len(inputs))
     storage.makedirs(config.out)
@@ -145,7 +161,7 @@ def run(config: GenerateConfig) -> GenerateResult:
         for export_dir in [cascade.base, *cascade.upscalers]:  # lineage: the training runs of every stage
             if export_dir:
                 tracker.log_manifest(export_dir, mf.manifest_digest(export_dir), "input")
-        made = _write(config, todo, Stages(config, cascade) if todo else None,
+        made = _write(config, todo, Stages(config, cascade, conditions) if todo else None,
                       None if inputs is None else inputs[[r.index for r in todo]],
                       {"stages": [cascade.base or "input", *cascade.upscalers]})
         rows = sorted([*done.values(), *made], key=lambda r: r["index"])

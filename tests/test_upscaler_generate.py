@@ -44,6 +44,39 @@ def models(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def labelled_base(models, tmp_path_factory) -> str:
+    """An untrained class-conditional 16 px base (shape: circle / square / triangle) on the upscalers' text
+    encoder: its random class embedding gives each label its own images."""
+    from accelerate import Accelerator
+
+    from latentforge.conditioning.embedding import with_conditions
+    from latentforge.conditioning.spec import ConditionSet
+    from latentforge.config import config_to_dict
+    from latentforge.manifest import manifest_digest
+    from latentforge.models.unet import resolve_unet_config
+    from latentforge.precompute.config import PrecomputeConfig
+    from latentforge.training.data import read_empty_caption
+    from latentforge.training.export import write_export
+    from latentforge.training.loop import DiffusionTrainer
+    from tests.harness.condition_scenes import precompute_in_process, write_scene_shards
+
+    root = tmp_path_factory.mktemp("labelled")
+    clip = str(Path(models["base"]).parent / "clip.safetensors")
+    manifest = precompute_in_process(PrecomputeConfig(
+        input=str(write_scene_shards(root / "ingest", [6])), output=str(root / "lat"), vae_type="patchify",
+        patch_size=2, text_encoder="lf-tiny-clip", text_encoder_weights=clip, text_layer="last", resolution=16,
+        dtype="fp32", batch_size=6, fidelity_samples=0, condition=["shape:class"]))
+    conditions = ConditionSet.from_manifest(manifest)
+    config = TrainConfig(data=str(root / "lat"), ema_decay=0)
+    trainer = DiffusionTrainer(config, with_conditions(resolve_unet_config("tiny", 12, 32, 8), conditions),
+                               Accelerator(cpu=True), read_empty_caption(str(root / "lat"), manifest),
+                               manifest.extra["latent"], conditions=conditions)
+    write_export(str(root / "base"), trainer.export_model(), trainer.noise_scheduler, str(root / "lat"),
+                 manifest_digest(str(root / "lat")), manifest, config_to_dict(config), 0, None)
+    return str(root / "base")
+
+
 def generate(tmp_path, out: str, **options) -> list[np.ndarray]:
     from pipelines.generate import run
 
@@ -88,6 +121,24 @@ def test_a_two_stage_cascade_from_the_job_with_upscaler_repeated(models, tmp_pat
     assert [a.shape for a in read("two")] == [(64, 64, 3)] * 2
     for a, b in zip(read("two"), read("by_hand")):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_conditions_steer_the_base_of_a_cascade(models, labelled_base, tmp_path) -> None:
+    circle = generate(tmp_path, "circle", model=labelled_base, upscaler=models["sr"], condition=["shape=circle"])
+    generate(tmp_path, "base_circle", model=labelled_base, condition=["shape=circle"])
+    by_hand = generate(tmp_path, "by_hand", upscaler=models["sr"], init_images=str(tmp_path / "base_circle"))
+    for a, b in zip(circle, by_hand):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    square = generate(tmp_path, "square", model=labelled_base, upscaler=models["sr"], condition=["shape=square"])
+    assert any(not np.array_equal(a, b) for a, b in zip(circle, square))  # the label reached the base
+    with pytest.raises(ConfigError, match="valid labels: circle, square, triangle"):
+        generate(tmp_path, "hexagon", model=labelled_base, upscaler=models["sr"], condition=["shape=hexagon"])
+    with pytest.raises(ConfigError, match="NAME one of none"):  # a base without conditions: never dropped silently
+        generate(tmp_path, "plain", model=models["base"], upscaler=models["sr"], condition=["shape=circle"])
+    with pytest.raises(ConfigError, match="with --init-images there is none"):
+        generate(tmp_path, "given", upscaler=models["sr"], init_images=str(tmp_path / "base_circle"),
+                 condition=["shape=circle"])
+    assert not any((tmp_path / name).exists() for name in ("hexagon", "plain", "given"))  # refused before writing
 
 
 def test_upscaler_steps_and_guidance_are_the_upscalers_own(models, tmp_path) -> None:
