@@ -1,7 +1,7 @@
 """Evaluate finished checkpoints and log to MLflow; three modes (docs/evaluation.md):
 
     --model BASE                     sample the eval set's captions: FID + CLIP score
-    --model BASE --upscaler SR[,SR2] the cascade: FID + CLIP score at every stage's resolution
+    --model BASE --upscaler SR [...]  the cascade: FID + CLIP score at every stage's resolution
     --upscaler SR                    SR fidelity on held-out pairs: PSNR / SSIM of SR and of bicubic
 
 Runs in one process (one GPU when there is one): FID needs every feature of both sets, and the
@@ -9,7 +9,8 @@ eval set is small compared with generation at scale (use `pipelines.generate` wi
 that). The metrics go into this evaluate run and into the training run each stage's export came
 from, at the export's step, so the training run's charts show post-hoc evaluations beside in-training
 ones. Everything that can be checked from manifests and held-out data (cascade sizes, noise level,
-held-out image size) is checked before any model loads: one line, exit 2.
+held-out image size) is checked before any model loads: one line, exit 2. Only then does the evaluate
+run open, before scoring, so a long evaluation shows as running in MLflow and a failed one as FAILED.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _description_rows(info: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(label, info[key]) for label, key in named if info.get(key) is not None]
 
 
-def _score_base(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> tuple[Scored, Any]:
+def _score_base(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_sampler
     from latentforge.generation.export import load_export
 
@@ -108,7 +109,7 @@ def _score_base(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) 
                            batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir)
     rows = [("samples (N)", int(scored.metrics["num_samples"])), *_metric_rows(scored.metrics, scored.info),
             *_description_rows(scored.info)]
-    return Scored(scored.metrics, scored.info, {"grid.png": scored.preview}, [(model, scored.metrics)], rows), model
+    return Scored(scored.metrics, scored.info, {"grid.png": scored.preview}, [(model, scored.metrics)], rows)
 
 
 def _plan_cascade(config: EvaluateConfig) -> Any:
@@ -124,7 +125,7 @@ def _plan_cascade(config: EvaluateConfig) -> Any:
     return cascade
 
 
-def _score_cascade(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> tuple[Scored, Any]:
+def _score_cascade(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_cascade
     from latentforge.generation.export import load_export
     from latentforge.upscaler.sampling import Upscaler
@@ -146,10 +147,10 @@ def _score_cascade(config: EvaluateConfig, eval_set: Any, device: Any, dtype: An
     for size in sizes:
         rows += _metric_rows(scored.metrics, scored.info, f"_{size}px")
     pictures = {f"grid_{size}px.png": images for size, images in scored.previews.items()}
-    return Scored(scored.metrics, scored.info, pictures, sources, rows + _description_rows(scored.info)), model
+    return Scored(scored.metrics, scored.info, pictures, sources, rows + _description_rows(scored.info))
 
 
-def _score_sr(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> tuple[Scored, Any]:
+def _score_sr(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.sr_fidelity import comparison_picture, fidelity_table, held_out_images, sr_fidelity
     from latentforge.generation.export import load_export, resolve_export_dir
     from latentforge.upscaler.cascade import upscaler_manifest_record
@@ -173,7 +174,7 @@ def _score_sr(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) ->
     rows = [("held-out pairs", len(held.keys)), ("noise level", config.noise_level),
             ("SR PSNR gain over bicubic", f"{result.metrics['sr_psnr_gain_db']:+.2f} dB")]
     return Scored(result.metrics, info, {"comparison.png": comparison_picture(result)}, [(export, result.metrics)],
-                  rows, preface=fidelity_table(result)), export
+                  rows, preface=fidelity_table(result))
 
 
 def _save_pictures(out: str, pictures: dict[str, Any], meta: dict[str, Any]) -> list[str]:
@@ -206,6 +207,42 @@ def _log_to_sources(scored: Scored, files: list[str]) -> list[str]:
     return logged
 
 
+@dataclass
+class Target:
+    """What an evaluation scores and where it is filed, from the manifests alone."""
+
+    kind: str
+    """"" (a base model), "cascade" or "sr"."""
+    export_dir: str
+    """The export the evaluation is named after: the base, or the upscaler for SR fidelity."""
+    step: int
+    source_run_id: str | None
+    manifest_sha256: str | None
+
+
+def _target(config: EvaluateConfig, eval_set: Any) -> Target:
+    """Every refusal the manifests allow (cascade sizes, noise level, held-out pixels): before any run starts."""
+    from latentforge.evaluation.sr_fidelity import check_held_out
+    from latentforge.generation.export import export_identity, resolve_export_dir
+    from latentforge.upscaler.cascade import upscaler_manifest_record
+    from latentforge.upscaler.conditioning import check_noise_level
+
+    if not config.model:
+        kind, export_dir = "sr", resolve_export_dir(config.upscalers[0])
+        record = upscaler_manifest_record(export_dir)
+        check_noise_level(config.noise_level, int(record["noise_level_range"][1]))
+        check_held_out(eval_set, int(record["resolution"]))
+    elif config.upscalers:
+        kind, export_dir = "cascade", _plan_cascade(config).base
+    else:
+        kind, export_dir = "", resolve_export_dir(config.model)
+    step, source_run_id, digest = export_identity(export_dir)
+    return Target(kind, export_dir, step or 0, source_run_id, digest)
+
+
+MODES = {"": _score_base, "cascade": _score_cascade, "sr": _score_sr}
+
+
 def run(config: EvaluateConfig) -> EvaluateResult:
     from latentforge.evaluation.eval_set import open_eval_set
     from latentforge.generation.devices import resolve_device, resolve_dtype
@@ -214,22 +251,23 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     config.check_required()
     started = time.monotonic()
     eval_set = open_eval_set(config.eval_set)
+    target = _target(config, eval_set)
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-    mode = _score_sr if not config.model else _score_cascade if config.upscalers else _score_base
-    scored, model = mode(config, eval_set, device, dtype)
-    step = model.step or 0
-    kind = "sr" if mode is _score_sr else "cascade" if mode is _score_cascade else ""
-    out = config.out or storage.join(model.export_dir, "eval", f"{kind + '_' if kind else ''}step_{step:06d}")
+    step = target.step
+    out = config.out or storage.join(target.export_dir, "eval",
+                                     f"{target.kind + '_' if target.kind else ''}step_{step:06d}")
     storage.makedirs(out)
-    run_name = config.run_name or f"evaluate-{model.mlflow_run_id or os.path.basename(model.export_dir.rstrip('/'))}"
+    run_name = config.run_name or f"evaluate-{target.source_run_id or os.path.basename(target.export_dir.rstrip('/'))}"
+    # The run is open while scoring: a long evaluation shows as running, a failed one as failed.
     with StageRun("evaluate", run_name=run_name, enabled=config.mlflow) as run_:
         run_.log_params(config_to_dict(config))
         run_.log_manifest(config.eval_set, eval_set.manifest_sha256, "input", name="eval_set")
-        if model.manifest_sha256:
-            run_.log_manifest(model.export_dir, model.manifest_sha256, "input", name="model")
+        if target.manifest_sha256:
+            run_.log_manifest(target.export_dir, target.manifest_sha256, "input", name="model")
+        scored = MODES[target.kind](config, eval_set, device, dtype)
         files = _save_pictures(out, scored.pictures, {"eval_set": config.eval_set, "step": step})
         seconds = time.monotonic() - started
-        info = {**scored.info, "model": model.export_dir, "step": step, "source_run_id": model.mlflow_run_id,
+        info = {**scored.info, "model": target.export_dir, "step": step, "source_run_id": target.source_run_id,
                 "seconds": seconds}
         files.append(storage.join(out, "metrics.json"))
         storage.atomic_write_json(files[-1], {"metrics": scored.metrics, "info": info})
@@ -238,9 +276,9 @@ def run(config: EvaluateConfig) -> EvaluateResult:
         for path in files:
             run_.log_artifact(path)
         logged_to = _log_to_sources(scored, files) if config.mlflow and config.log_to_source_run else []
-        rows = [("model", model.export_dir), ("step", step), ("eval set", config.eval_set), *scored.rows,
+        rows = [("model", target.export_dir), ("step", step), ("eval set", config.eval_set), *scored.rows,
                 ("logged into run", ", ".join(logged_to) or "-"), ("output", out), ("seconds", f"{seconds:.1f}")]
         table = reporting.summary_table("evaluate", rows)
-        result = EvaluateResult(scored.metrics, info, out, model.mlflow_run_id, getattr(run_, "run_id", None),
+        result = EvaluateResult(scored.metrics, info, out, target.source_run_id, getattr(run_, "run_id", None),
                                 summary=f"{scored.preface}\n\n{table}" if scored.preface else table)
     return result

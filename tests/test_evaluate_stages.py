@@ -206,6 +206,23 @@ def test_sr_job_prints_the_table_and_logs_into_both_runs(stages, tmp_path, mlflo
     assert "comparison.png" in [a.path for a in client.list_artifacts(evaluate.info.run_id)]
 
 
+def test_the_evaluate_run_is_open_while_scoring_and_a_refusal_starts_none(stages, tmp_path, mlflow_store) -> None:
+    """A scoring that fails leaves a FAILED evaluate run (params and inputs logged); a refusal, none."""
+    main = evaluate_job()
+    client, experiment = mlflow_store
+    broken = tmp_path / "broken"
+    shutil.copytree(stages["sr"], broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.unlink()  # the manifests are fine: only loading the model fails
+    args = ["--upscaler", str(broken), "--eval-set", stages["held"], "--num-samples", "2", "--steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "failed")]) == 1  # the bootstrap's "evaluate: failed: ..."
+    run = _evaluate_run(client, experiment, str(tmp_path / "failed"))
+    assert run.info.status == "FAILED" and run.data.params["upscaler"]
+    refused_out = str(tmp_path / "refused")
+    assert main([*args, "--noise-level", "101", "--out", refused_out]) == 2
+    assert not [r for r in client.search_runs([experiment]) if r.data.params.get("out") == refused_out]
+
+
 def test_cascade_scores_every_stage_at_its_resolution(stages, tmp_path, mlflow_store, capsys) -> None:
     from latentforge.evaluation.fid import FeatureStats, InceptionFeatures, reference_cache_key
     from latentforge.pixels import to_pixels, to_uint8

@@ -47,14 +47,19 @@ class SrFidelity:
     """The first pairs as [low-res, bicubic, SR, real] uint8 images."""
 
 
-def held_out_images(eval_set: EvalSet, resolution: int, limit: int) -> HeldOut:
-    """The first `limit` samples' real images at the upscaler's `resolution`; ConfigError when they cannot be."""
+def check_held_out(eval_set: EvalSet, resolution: int) -> None:
+    """ConfigError when the eval set's manifest already says it holds no real images at `resolution`."""
     if eval_set.kind == "latents" and not eval_set.pixels_size:
         raise ConfigError(f"{eval_set.uri} holds latents without pixels: SR fidelity needs the real high-res images "
                           "(precompute with --store-pixels, or pass ingest shards)")
     if eval_set.pixels_size and eval_set.pixels_size != resolution:
         raise ConfigError(f"{eval_set.uri} stores {eval_set.pixels_size}x{eval_set.pixels_size} px images but the "
                           f"upscaler makes {resolution}x{resolution} px: give held-out data at its resolution")
+
+
+def held_out_images(eval_set: EvalSet, resolution: int, limit: int) -> HeldOut:
+    """The first `limit` samples' real images at the upscaler's `resolution`; ConfigError when they cannot be."""
+    check_held_out(eval_set, resolution)
     samples = first_samples(eval_set, limit)
     images = np.stack([_real_image(s, resolution, eval_set.uri) for s in samples])
     return HeldOut([s.key for s in samples], [s.caption for s in samples], images)

@@ -18,7 +18,7 @@ import torch
 
 from latentforge import storage
 from latentforge.conditioning.spec import ConditionSet
-from latentforge.manifest import Manifest, ManifestError, read_manifest
+from latentforge.manifest import Manifest, ManifestError, manifest_digest, read_manifest
 
 EXPORT_URI_TAG = "latentforge.export_uri"
 RUN_ID_RE = re.compile(r"^(runs:/)?([0-9a-f]{32})/?$")
@@ -129,6 +129,17 @@ def read_data_manifest(export_dir: str) -> Manifest:
         return Manifest(**data)
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{export_dir}/data_manifest.json: malformed ({exc})") from exc
+
+
+def export_identity(export_dir: str) -> tuple[int | None, str | None, str | None]:
+    """(step, MLflow run id, manifest sha256) of an export from its manifest alone, no weights read;
+    (None, None, None) for an export without a readable manifest."""
+    try:
+        extra = read_manifest(export_dir).extra
+    except (ManifestError, OSError):
+        return None, None, None
+    step = extra.get("step")
+    return (int(step) if step is not None else None), extra.get("mlflow_run_id"), manifest_digest(export_dir)
 
 
 def load_export(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ExportedModel:
