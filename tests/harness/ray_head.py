@@ -86,8 +86,10 @@ class RayHead:
             "--min-worker-port", str(worker_lo), "--max-worker-port", str(worker_lo + WORKER_PORTS),
         ]
         log = open(self.temp_dir / "ray_start.log", "wb")
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                        env=venv_env(), start_new_session=True)
+        # No drain on SIGTERM (Ray's default waits up to 30 s for drain-aware components such as Serve;
+        # a test cluster has none, and its teardown would sit out the whole wait).
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env=venv_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"))
         self._wait_ready(timeout_s)
         return self
 
