@@ -87,7 +87,10 @@ class SamplerActor:
         return {"index": [r["index"] for r in rows], "row": [json.dumps(r, default=str) for r in rows]}
 
 
-def _run_ray(config: GenerateConfig, todo: list[Request], height: int, width: int, model_ref: str) -> Iterator[dict[str, Any]]:
+def run_actor_pool(config: GenerateConfig, items: list[dict[str, Any]], actor: type,
+                   actor_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`items` (one request each) through a Ray Data pool of `actor(config=..., **actor_kwargs)`, each call
+    a batch that the actor writes to `config.out`; yields the index rows it returns as they finish."""
     import json
 
     import ray
@@ -105,15 +108,18 @@ def _run_ray(config: GenerateConfig, todo: list[Request], height: int, width: in
     actor_config = config_to_dict(config)
     if gpus == 0 and actor_config["device"] == "auto":
         actor_config["device"] = "cpu"
-    blocks = max(1, min(len(todo), config.concurrency * 4))
-    ds = ray.data.from_items([as_dict(r) for r in todo], override_num_blocks=blocks)
-    ds = ds.map_batches(SamplerActor, batch_size=config.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+    blocks = max(1, min(len(items), config.concurrency * 4))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(actor, batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.concurrency),
                         num_cpus=config.num_cpus_per_actor, num_gpus=gpus, batch_format="numpy",
-                        fn_constructor_kwargs={"config": actor_config, "height": height, "width": width,
-                                               "model_ref": model_ref})
+                        fn_constructor_kwargs={"config": actor_config, **actor_kwargs})
     for row in ds.iter_rows():
         yield json.loads(row["row"])
+
+
+def _run_ray(config: GenerateConfig, todo: list[Request], height: int, width: int, model_ref: str) -> Iterator[dict[str, Any]]:
+    return run_actor_pool(config, [as_dict(r) for r in todo], SamplerActor,
+                          {"height": height, "width": width, "model_ref": model_ref})
 
 
 def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height: int, width: int,

@@ -21,8 +21,8 @@ from latentforge import manifest as mf
 from latentforge import reporting, storage
 from latentforge.config import ConfigError, config_to_dict
 from latentforge.generation.config import GenerateConfig
-from latentforge.generation.outputs import (GRID_NAME, INDEX_NAME, Request, finished, load_prompts, request_row,
-                                           save_grid, save_png, write_index)
+from latentforge.generation.outputs import (GRID_NAME, INDEX_NAME, Request, as_dict, finished, load_prompts,
+                                           request_row, save_grid, save_png, write_index)
 from latentforge.upscaler.cascade import (Cascade, base_output_size, image_files, load_images, plan_cascade,
                                          run_upscalers, upscaler_params)
 from pipelines.generate import GenerateResult
@@ -93,7 +93,41 @@ class Stages:
         return np.stack([m.to_uint8() for m in stages[-1]]), stages[-1][0].meta
 
 
-def _write(config: GenerateConfig, requests: list[Request], stages: Stages | None, inputs: np.ndarray | None,
+class UpscaleActor:
+    """A Ray Data callable class (`--ray`): one loaded cascade per actor, a batch of requests per call."""
+
+    def __init__(self, config: dict[str, Any], cascade: Cascade, conditions: dict[str, Any],
+                 extra_meta: dict[str, Any]) -> None:
+        self.config = GenerateConfig(**config)
+        self.stages = Stages(self.config, cascade, conditions)
+        self.extra_meta = extra_meta
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        import json
+
+        requests = [Request(int(i), str(p), int(s)) for i, p, s in zip(batch["index"], batch["prompt"], batch["seed"])]
+        rows = _write(self.config, requests, self.stages, batch.get("image"), self.extra_meta)  # image: (B, h, w, 3)
+        return {"index": [r["index"] for r in rows], "row": [json.dumps(r, default=str) for r in rows]}
+
+
+def _upscale(config: GenerateConfig, cascade: Cascade, conditions: dict[str, Any], todo: list[Request],
+             inputs: np.ndarray | None) -> tuple[list[dict[str, Any]], str]:
+    """The rows of the requests made now, in this process or (`--ray`) by a Ray Data actor pool; where."""
+    extra_meta = {"stages": [cascade.base or "input", *cascade.upscalers]}
+    if not todo:
+        return [], "nothing to do"
+    if config.ray:
+        from pipelines.generate import run_actor_pool
+
+        items = [{**as_dict(r), **({"image": inputs[r.index]} if inputs is not None else {})} for r in todo]
+        actor_kwargs = {"cascade": cascade, "conditions": conditions, "extra_meta": extra_meta}
+        return list(run_actor_pool(config, items, UpscaleActor, actor_kwargs)), "Ray Data actor pool"
+    stages = Stages(config, cascade, conditions)
+    return _write(config, todo, stages, None if inputs is None else inputs[[r.index for r in todo]],
+                  extra_meta), "in-process"
+
+
+def _write(config: GenerateConfig, requests: list[Request], stages: Stages, inputs: np.ndarray | None,
            extra_meta: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for start in range(0, len(requests), config.batch_size):
@@ -161,9 +195,7 @@ def run(config: GenerateConfig) -> GenerateResult:
         for export_dir in [cascade.base, *cascade.upscalers]:  # lineage: the training runs of every stage
             if export_dir:
                 tracker.log_manifest(export_dir, mf.manifest_digest(export_dir), "input")
-        made = _write(config, todo, Stages(config, cascade, conditions) if todo else None,
-                      None if inputs is None else inputs[[r.index for r in todo]],
-                      {"stages": [cascade.base or "input", *cascade.upscalers]})
+        made, where = _upscale(config, cascade, conditions, todo, inputs)
         rows = sorted([*done.values(), *made], key=lambda r: r["index"])
         write_index(storage.join(config.out, INDEX_NAME), rows)
         save_grid(storage.join(config.out, GRID_NAME), [_read(config.out, r["file"]) for r in rows[:config.grid_max]])
@@ -176,10 +208,11 @@ def run(config: GenerateConfig) -> GenerateResult:
     summary = reporting.summary_table("generate (super-resolution)", [
         ("base", cascade.base or f"--init-images {config.init_images}"), ("upscalers", " -> ".join(cascade.upscalers)),
         ("sizes", f"{cascade.input_size} px -> {cascade.output_size} px"), ("noise level", config.noise_level),
-        ("images", len(rows)), ("generated", len(made)), ("skipped (finished)", len(done)), ("output", config.out)])
+        ("images", len(rows)), ("generated", len(made)), ("skipped (finished)", len(done)), ("ran", where),
+        ("output", config.out)])
     return GenerateResult(out=config.out, total=len(requests), generated=len(made), skipped=len(done),
                           seconds=seconds, manifest_sha256=digest, mlflow_run_id=getattr(tracker, "run_id", None),
-                          summary=summary)
+                          summary=summary, extra={"where": where})
 
 
 def _read(out: str, name: str) -> np.ndarray:

@@ -141,6 +141,32 @@ def test_conditions_steer_the_base_of_a_cascade(models, labelled_base, tmp_path)
     assert not any((tmp_path / name).exists() for name in ("hexagon", "plain", "given"))  # refused before writing
 
 
+@pytest.mark.slow
+def test_ray_mode_upscales_through_an_actor_pool_as_one_process_does(models, tmp_path, ray_session) -> None:
+    """--ray: a cascade and --init-images through a Ray Data pool of 2 actors equal the in-process run."""
+    from pipelines.generate import run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(5)) + "\n")
+    common = dict(prompts=str(prompts), steps=2, seed=5, mlflow=False, progress=False, batch_size=2, device="cpu")
+    pool = dict(ray=True, concurrency=2, num_cpus_per_actor=1)
+    local = run(GenerateConfig(out=str(tmp_path / "local"), model=models["base"], upscaler=models["sr"], **common))
+    pooled = run(GenerateConfig(out=str(tmp_path / "pool"), model=models["base"], upscaler=models["sr"], **common,
+                                **pool))
+    assert (local.generated, pooled.generated, pooled.extra["where"]) == (5, 5, "Ray Data actor pool")
+    generate(tmp_path, "base", model=models["base"])  # 2 low-res inputs for --init-images
+    given = run(GenerateConfig(out=str(tmp_path / "given"), upscaler=models["sr"], init_images=str(tmp_path / "base"),
+                               **{**common, "prompts": "a shape"}, **pool))
+    assert given.generated == 2
+    read = lambda d: {p.name: np.asarray(Image.open(p).convert("RGB")).astype(int)  # noqa: E731
+                      for p in sorted((tmp_path / d).glob("0*.png"))}
+    assert read("local").keys() == read("pool").keys() and len(read("given")) == 2
+    for name, image in read("local").items():
+        assert np.abs(image - read("pool")[name]).max() <= 1, name
+    rows = [line for line in (tmp_path / "pool" / "index.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 5
+
+
 def test_upscaler_steps_and_guidance_are_the_upscalers_own(models, tmp_path) -> None:
     """--upscaler-steps / --upscaler-guidance: the base keeps --steps / --guidance, every SR stage takes these."""
     from latentforge.generation.outputs import read_png_meta
