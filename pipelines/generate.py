@@ -133,7 +133,7 @@ def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height
                                    strength=config.strength, extra_meta={"model": model_ref})
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def progress_bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", desc="generate", disable=not enabled or total == 0, file=sys.stderr,
@@ -192,7 +192,7 @@ def run(config: GenerateConfig) -> GenerateResult:
         run_.log_params(config_to_dict(config))
         if export_digest:
             run_.log_manifest(export_dir, export_digest, "input")
-        bar = _progress(len(todo), config.progress)
+        bar = progress_bar(len(todo), config.progress)
         where = "nothing to do"
         try:
             if todo:

@@ -13,7 +13,7 @@ other settings in the same output dir.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class Stages:
         from latentforge.upscaler.sampling import Upscaler
 
         device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-        self.config, self.cascade, self.conditions = config, cascade, conditions
+        self.config, self.cascade, self.conditions, self.device = config, cascade, conditions, device
         self.base = None
         if cascade.base:
             self.base = load_export(cascade.base, device=device, dtype=dtype).sampler(
@@ -112,19 +112,36 @@ class UpscaleActor:
 
 def _upscale(config: GenerateConfig, cascade: Cascade, conditions: dict[str, Any], todo: list[Request],
              inputs: np.ndarray | None) -> tuple[list[dict[str, Any]], str]:
-    """The rows of the requests made now, in this process or (`--ray`) by a Ray Data actor pool; where."""
+    """The rows of the requests made now, in this process or (`--ray`) by a Ray Data actor pool; where.
+    A progress bar counts the images as they are written."""
+    from pipelines.generate import progress_bar, run_actor_pool
+
     extra_meta = {"stages": [cascade.base or "input", *cascade.upscalers]}
     if not todo:
         return [], "nothing to do"
     if config.ray:
-        from pipelines.generate import run_actor_pool
-
         items = [{**as_dict(r), **({"image": inputs[r.index]} if inputs is not None else {})} for r in todo]
         actor_kwargs = {"cascade": cascade, "conditions": conditions, "extra_meta": extra_meta}
-        return list(run_actor_pool(config, items, UpscaleActor, actor_kwargs)), "Ray Data actor pool"
-    stages = Stages(config, cascade, conditions)
-    return _write(config, todo, stages, None if inputs is None else inputs[[r.index for r in todo]],
-                  extra_meta), "in-process"
+        stream, where = run_actor_pool(config, items, UpscaleActor, actor_kwargs), "Ray Data actor pool"
+    else:
+        stages = Stages(config, cascade, conditions)
+        stream, where = _local_rows(config, stages, todo, inputs, extra_meta), f"in-process ({stages.device})"
+    made, bar = [], progress_bar(len(todo), config.progress)
+    try:
+        for row in stream:
+            made.append(row)
+            bar.update(1)
+    finally:
+        bar.close()
+    return made, where
+
+
+def _local_rows(config: GenerateConfig, stages: Stages, todo: list[Request], inputs: np.ndarray | None,
+                extra_meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for start in range(0, len(todo), config.batch_size):
+        chunk = todo[start:start + config.batch_size]
+        chunk_inputs = None if inputs is None else inputs[[r.index for r in chunk]]  # (b, h, w, 3)
+        yield from _write(config, chunk, stages, chunk_inputs, extra_meta)
 
 
 def _write(config: GenerateConfig, requests: list[Request], stages: Stages, inputs: np.ndarray | None,
