@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -133,13 +132,6 @@ def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height
                                    strength=config.strength, extra_meta={"model": model_ref})
 
 
-def progress_bar(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc="generate", disable=not enabled or total == 0, file=sys.stderr,
-                dynamic_ncols=True)
-
-
 def run(config: GenerateConfig) -> GenerateResult:
     """Generate every prompt not already finished in `config.out`; returns counts and where things are."""
     from latentforge.generation.export import read_data_manifest, resolve_export_dir
@@ -192,7 +184,7 @@ def run(config: GenerateConfig) -> GenerateResult:
         run_.log_params(config_to_dict(config))
         if export_digest:
             run_.log_manifest(export_dir, export_digest, "input")
-        bar = progress_bar(len(todo), config.progress)
+        bar = reporting.progress_bar(len(todo), "generate", "img", config.progress)
         where = "nothing to do"
         try:
             if todo:

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -109,13 +108,6 @@ def _signals_raise() -> Iterator[_Signals]:
 
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="row", desc="ingest", disable=not enabled or total == 0,
-                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-
-
 def run(config: IngestConfig) -> IngestResult:
     """Plan, validate and run the ingest; raises InputError/ManifestError before any download."""
     from latentforge.tracking import StageRun
@@ -140,7 +132,7 @@ def run(config: IngestConfig) -> IngestResult:
                 where = _connect(config, len(descriptors))
                 signals.install()  # again: ray.init replaces SIGTERM with a handler that aborts
                 log.info("ingest: %d shard(s), %d row(s) to do on %s", len(descriptors), rows_todo, where)
-                bar = _progress(rows_todo, config.progress)
+                bar = reporting.progress_bar(rows_todo, "ingest", "row", config.progress)
                 try:
                     for result in _execute(descriptors, config, plan):
                         digest = state.record(result)

@@ -38,7 +38,7 @@ from latentforge.precompute.resolutions import Target, plan_targets, write_paren
 from latentforge.precompute.shard_input import ShardRead, read_shard
 from latentforge.precompute.stage import check_models, write_empty_caption
 from latentforge.precompute.writer import PAD, TRAILER, ShardSink
-from latentforge.reporting import format_rate, summary_table
+from latentforge.reporting import format_rate, progress_bar, summary_table
 from latentforge.tracking import StageRun
 
 log = logging.getLogger("latentforge.precompute")
@@ -377,12 +377,9 @@ def _encode_targets(config: PrecomputeConfig, targets: list[Target], actors: Enc
 def _stream(config: PrecomputeConfig, shards: list[Any], sinks: list[tuple[Callable, ShardSink]],
             actors: EncoderActors, on_rows: Any = None) -> Counter:
     """Run the graph over `shards`, handing each row to every (view, sink) that wants its shard; counts rows."""
-    from tqdm import tqdm
-
     ds = build_dataset(config, shards, actors)
     counts: Counter = Counter()
-    bar = tqdm(total=sum(s.samples for s in shards), unit="img", desc="precompute", disable=not config.progress,
-               mininterval=1.0 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+    bar = progress_bar(sum(s.samples for s in shards), "precompute", "img", config.progress)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             if on_rows is not None:

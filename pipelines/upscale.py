@@ -114,7 +114,7 @@ def _upscale(config: GenerateConfig, cascade: Cascade, conditions: dict[str, Any
              inputs: np.ndarray | None) -> tuple[list[dict[str, Any]], str]:
     """The rows of the requests made now, in this process or (`--ray`) by a Ray Data actor pool; where.
     A progress bar counts the images as they are written."""
-    from pipelines.generate import progress_bar, run_actor_pool
+    from pipelines.generate import run_actor_pool
 
     extra_meta = {"stages": [cascade.base or "input", *cascade.upscalers]}
     if not todo:
@@ -126,7 +126,7 @@ def _upscale(config: GenerateConfig, cascade: Cascade, conditions: dict[str, Any
     else:
         stages = Stages(config, cascade, conditions)
         stream, where = _local_rows(config, stages, todo, inputs, extra_meta), f"in-process ({stages.device})"
-    made, bar = [], progress_bar(len(todo), config.progress)
+    made, bar = [], reporting.progress_bar(len(todo), "upscale", "img", config.progress)
     try:
         for row in stream:
             made.append(row)
