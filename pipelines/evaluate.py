@@ -98,12 +98,51 @@ def _description_rows(info: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(label, info[key]) for label, key in named if info.get(key) is not None]
 
 
-def _score_base(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> Scored:
+@dataclass
+class Target:
+    """What an evaluation scores and where it is filed, from the manifests alone."""
+
+    kind: str
+    """"" (a base model), "cascade" or "sr"."""
+    export_dir: str
+    """The export the evaluation is named after: the base, or the upscaler for SR fidelity."""
+    step: int
+    source_run_id: str | None
+    manifest_sha256: str | None
+    cascade: Any = None
+    """The checked chain (cascade mode)."""
+    upscaler: dict[str, Any] | None = None
+    """The upscaler's `extra.upscaler` record (SR fidelity mode)."""
+
+
+def _target(config: EvaluateConfig, eval_set: Any) -> Target:
+    """Every refusal the manifests allow (cascade sizes, noise level, held-out pixels): before any run starts."""
+    from latentforge.evaluation.sr_fidelity import check_held_out
+    from latentforge.generation.export import export_identity, resolve_export_dir
+    from latentforge.upscaler.cascade import upscaler_manifest_record
+    from latentforge.upscaler.conditioning import check_noise_level
+
+    cascade, record = None, None
+    if not config.model:
+        kind, export_dir = "sr", resolve_export_dir(config.upscalers[0])
+        record = upscaler_manifest_record(export_dir)
+        check_noise_level(config.noise_level, int(record["noise_level_range"][1]))
+        check_held_out(eval_set, int(record["resolution"]))
+    elif config.upscalers:
+        cascade = _plan_cascade(config)
+        kind, export_dir = "cascade", cascade.base
+    else:
+        kind, export_dir = "", resolve_export_dir(config.model)
+    step, source_run_id, digest = export_identity(export_dir)
+    return Target(kind, export_dir, step or 0, source_run_id, digest, cascade, record)
+
+
+def _score_base(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_sampler
     from latentforge.generation.export import load_export
 
     inception, clip = _metric_models(config, device)
-    model = load_export(config.model, device=device, dtype=dtype)
+    model = load_export(target.export_dir, device=device, dtype=dtype)
     sampler = model.sampler(device=device, dtype=dtype, text_states=config.text_states)
     scored = score_sampler(sampler, eval_set, config.num_samples, _params(config), seed=config.seed,
                            batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir)
@@ -125,12 +164,12 @@ def _plan_cascade(config: EvaluateConfig) -> Any:
     return cascade
 
 
-def _score_cascade(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> Scored:
+def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_cascade
     from latentforge.generation.export import load_export
     from latentforge.upscaler.sampling import Upscaler
 
-    cascade = _plan_cascade(config)
+    cascade = target.cascade
     inception, clip = _metric_models(config, device)
     model = load_export(cascade.base, device=device, dtype=dtype)
     exports = [load_export(d, device=device, dtype=dtype) for d in cascade.upscalers]
@@ -150,18 +189,14 @@ def _score_cascade(config: EvaluateConfig, eval_set: Any, device: Any, dtype: An
     return Scored(scored.metrics, scored.info, pictures, sources, rows + _description_rows(scored.info))
 
 
-def _score_sr(config: EvaluateConfig, eval_set: Any, device: Any, dtype: Any) -> Scored:
+def _score_sr(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.sr_fidelity import comparison_picture, fidelity_table, held_out_images, sr_fidelity
-    from latentforge.generation.export import load_export, resolve_export_dir
-    from latentforge.upscaler.cascade import upscaler_manifest_record
-    from latentforge.upscaler.conditioning import check_noise_level
+    from latentforge.generation.export import load_export
     from latentforge.upscaler.sampling import Upscaler
 
-    export_dir = resolve_export_dir(config.upscalers[0])
-    record = upscaler_manifest_record(export_dir)
-    check_noise_level(config.noise_level, int(record["noise_level_range"][1]))
+    record = target.upscaler
     held = held_out_images(eval_set, int(record["resolution"]), config.num_samples)
-    export = load_export(export_dir, device=device, dtype=dtype)
+    export = load_export(target.export_dir, device=device, dtype=dtype)
     params = _upscaler_params(config)
     result = sr_fidelity(Upscaler(export, device, dtype, config.text_states), held, params,
                          config.noise_level, seed=config.seed, batch_size=config.batch_size,
@@ -207,39 +242,6 @@ def _log_to_sources(scored: Scored, files: list[str]) -> list[str]:
     return logged
 
 
-@dataclass
-class Target:
-    """What an evaluation scores and where it is filed, from the manifests alone."""
-
-    kind: str
-    """"" (a base model), "cascade" or "sr"."""
-    export_dir: str
-    """The export the evaluation is named after: the base, or the upscaler for SR fidelity."""
-    step: int
-    source_run_id: str | None
-    manifest_sha256: str | None
-
-
-def _target(config: EvaluateConfig, eval_set: Any) -> Target:
-    """Every refusal the manifests allow (cascade sizes, noise level, held-out pixels): before any run starts."""
-    from latentforge.evaluation.sr_fidelity import check_held_out
-    from latentforge.generation.export import export_identity, resolve_export_dir
-    from latentforge.upscaler.cascade import upscaler_manifest_record
-    from latentforge.upscaler.conditioning import check_noise_level
-
-    if not config.model:
-        kind, export_dir = "sr", resolve_export_dir(config.upscalers[0])
-        record = upscaler_manifest_record(export_dir)
-        check_noise_level(config.noise_level, int(record["noise_level_range"][1]))
-        check_held_out(eval_set, int(record["resolution"]))
-    elif config.upscalers:
-        kind, export_dir = "cascade", _plan_cascade(config).base
-    else:
-        kind, export_dir = "", resolve_export_dir(config.model)
-    step, source_run_id, digest = export_identity(export_dir)
-    return Target(kind, export_dir, step or 0, source_run_id, digest)
-
-
 MODES = {"": _score_base, "cascade": _score_cascade, "sr": _score_sr}
 
 
@@ -264,7 +266,7 @@ def run(config: EvaluateConfig) -> EvaluateResult:
         run_.log_manifest(config.eval_set, eval_set.manifest_sha256, "input", name="eval_set")
         if target.manifest_sha256:
             run_.log_manifest(target.export_dir, target.manifest_sha256, "input", name="model")
-        scored = MODES[target.kind](config, eval_set, device, dtype)
+        scored = MODES[target.kind](config, eval_set, target, device, dtype)
         files = _save_pictures(out, scored.pictures, {"eval_set": config.eval_set, "step": step})
         seconds = time.monotonic() - started
         info = {**scored.info, "model": target.export_dir, "step": step, "source_run_id": target.source_run_id,
