@@ -95,3 +95,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- process exit ------------------------------------------------------------------------------------
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the test process with pytest's own status once everything is reported and every atexit hook
+    (ray.shutdown among them) has run, skipping only the interpreter's finalisation: with native Ray /
+    gRPC / torch threads still alive it once crashed (SIGSEGV after "574 passed"), turning a green
+    session red."""
+    if not _EXIT_STATUS:
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[-1])
