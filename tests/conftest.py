@@ -11,9 +11,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
 sys.path.insert(0, str(REPO_ROOT))  # `tests.harness` and `jobs` for the tests
-# `ray start --head` (Ray 2.60) turns token auth on; in-process drivers must read ~/.ray/auth_token,
-# and Ray reads this variable once, at import: set it before anything imports ray.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from tests.harness.isolation import isolate_session, remove_session  # noqa: E402
+
+# The session's own HOME and Ray token (tests/harness/isolation.py): a fresh machine has no
+# ~/.ray/auth_token, and no test may read or write the user's home. Ray reads the auth variables
+# once, at import: this runs before anything imports ray.
+SESSION_ROOT = isolate_session()
 
 from tests.harness.ray_head import RayHead  # noqa: E402
 
@@ -23,7 +27,6 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     """A `ray start --head` cluster on 127.0.0.1 for the whole session (2 CPUs)."""
     # A short temp dir: Ray's socket paths must stay under the 107-byte AF_UNIX limit.
     temp_dir = Path(os.environ.get("LATENTFORGE_TEST_RAY_TMP", "/tmp")) / f"lf-ray-{os.getpid()}"
-    temp_dir.mkdir(parents=True, exist_ok=True)
     head = RayHead(temp_dir=temp_dir).start()
     yield head
     head.stop()
@@ -112,10 +115,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     gRPC / torch threads still alive it once crashed (SIGSEGV after "574 passed"), turning a green
     session red."""
     if not _EXIT_STATUS:
+        remove_session(SESSION_ROOT)
         return
     import atexit
 
     atexit._run_exitfuncs()
+    remove_session(SESSION_ROOT)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_EXIT_STATUS[-1])

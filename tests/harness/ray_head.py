@@ -45,8 +45,9 @@ def venv_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray 2.60's `ray start --head` turns token auth on; clients (drivers, `ray job submit`) then
-    # read the token from ~/.ray/auth_token only when told to.
+    # Ray 2.60's `ray start --head` turns token auth on; clients (drivers, `ray job submit`) then read
+    # the token only when told to. The session's own token file (RAY_AUTH_TOKEN_PATH) is set by
+    # tests/harness/isolation.py and inherited from os.environ.
     env.setdefault("RAY_AUTH_MODE", "token")
     env.update(extra)
     return env
@@ -85,6 +86,7 @@ class RayHead:
             *(item for flag, port in ports.items() for item in (flag, str(port))),
             "--min-worker-port", str(worker_lo), "--max-worker-port", str(worker_lo + WORKER_PORTS),
         ]
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.temp_dir / "ray_start.log", "wb")
         # No drain on SIGTERM (Ray's default waits up to 30 s for drain-aware components such as Serve;
         # a test cluster has none, and its teardown would sit out the whole wait).
