@@ -16,7 +16,6 @@ run open, before scoring, so a long evaluation shows as running in MLflow and a 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,7 +247,7 @@ MODES = {"": _score_base, "cascade": _score_cascade, "sr": _score_sr}
 def run(config: EvaluateConfig) -> EvaluateResult:
     from latentforge.evaluation.eval_set import open_eval_set
     from latentforge.generation.devices import resolve_device, resolve_dtype
-    from latentforge.tracking import StageRun
+    from latentforge.tracking import StageRun, default_run_name
 
     config.check_required()
     started = time.monotonic()
@@ -259,7 +258,7 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     out = config.out or storage.join(target.export_dir, "eval",
                                      f"{target.kind + '_' if target.kind else ''}step_{step:06d}")
     storage.makedirs(out)
-    run_name = config.run_name or f"evaluate-{target.source_run_id or os.path.basename(target.export_dir.rstrip('/'))}"
+    run_name = config.run_name or default_run_name("evaluate", target.source_run_id or target.export_dir)
     # The run is open while scoring: a long evaluation shows as running, a failed one as failed.
     with StageRun("evaluate", run_name=run_name, enabled=config.mlflow) as run_:
         run_.log_params(config_to_dict(config))

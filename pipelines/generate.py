@@ -135,7 +135,7 @@ def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height
 def run(config: GenerateConfig) -> GenerateResult:
     """Generate every prompt not already finished in `config.out`; returns counts and where things are."""
     from latentforge.generation.export import read_data_manifest, resolve_export_dir
-    from latentforge.tracking import StageRun
+    from latentforge.tracking import StageRun, default_run_name
 
     if config.upscaler:  # super-resolution: a cascade or given images (pipelines/upscale.py)
         from pipelines.upscale import run as run_upscale
@@ -177,7 +177,7 @@ def run(config: GenerateConfig) -> GenerateResult:
         png_settings.pop("text_states")
     done = finished(config.out, requests, png_settings)
     todo = [r for r in requests if r.index not in done]
-    run_name = config.run_name or f"generate-{config.out.rstrip('/').rsplit('/', 1)[-1]}"
+    run_name = config.run_name or default_run_name("generate", config.out)
     tracker = StageRun("generate", run_name=run_name, enabled=config.mlflow)
     rows = dict(done)
     with tracker as run_:

@@ -110,7 +110,7 @@ def _signals_raise() -> Iterator[_Signals]:
 
 def run(config: IngestConfig) -> IngestResult:
     """Plan, validate and run the ingest; raises InputError/ManifestError before any download."""
-    from latentforge.tracking import StageRun
+    from latentforge.tracking import StageRun, default_run_name
 
     config.check_paths()
     started = time.monotonic()
@@ -120,7 +120,7 @@ def run(config: IngestConfig) -> IngestResult:
     if config.retry_reasons:
         descriptors += state.retry_descriptors(config.retry_reasons)
     rows_todo = sum((d["end"] - d["start"]) if d["kind"] == "range" else len(d["rows"]) for d in descriptors)
-    run_name = config.run_name or f"ingest-{config.output.rstrip('/').rsplit('/', 1)[-1]}"
+    run_name = config.run_name or default_run_name("ingest", config.output)
     tracker = StageRun("ingest", run_name=run_name, enabled=config.mlflow)
     ok_this_run = rows_this_run = shards_this_run = 0
     digest = ""

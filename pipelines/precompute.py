@@ -39,7 +39,7 @@ from latentforge.precompute.shard_input import ShardRead, read_shard
 from latentforge.precompute.stage import check_models, write_empty_caption
 from latentforge.precompute.writer import PAD, TRAILER, ShardSink
 from latentforge.reporting import format_rate, progress_bar, summary_table
-from latentforge.tracking import StageRun
+from latentforge.tracking import StageRun, default_run_name
 
 log = logging.getLogger("latentforge.precompute")
 
@@ -177,7 +177,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         targets = plan_targets(config)
     except FileNotFoundError as exc:  # a missing input is a usage error, reported like one
         raise ConfigError(str(exc)) from exc
-    run_name = config.run_name or f"precompute-{config.output.rstrip('/').rsplit('/', 1)[-1]}"
+    run_name = config.run_name or default_run_name("precompute", config.output)
     with StageRun("precompute", run_name=run_name, enabled=config.mlflow) as tracking:
         tracking.log_params(config_to_dict(config))
         tracking.log_manifest(config.input, targets[0].plan.input_digest, "input")

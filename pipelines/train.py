@@ -31,7 +31,7 @@ from latentforge.conditioning.embedding import with_conditions
 from latentforge.conditioning.spec import ConditionSet
 from latentforge.models.unet import UNetConfigError, check_latent_size, resolve_unet_config
 from latentforge.reporting import summary_table
-from latentforge.tracking import StageRun, tracking_uri
+from latentforge.tracking import StageRun, default_run_name, tracking_uri
 from latentforge.training import data as tdata
 from latentforge.training import run_storage
 from latentforge.training.config import TrainConfig
@@ -181,7 +181,7 @@ def run(config: TrainConfig) -> TrainResult:
 
         upscaler = upscaler_setup(config, manifest).record(manifest) if config.stage == "upscaler" else None
         preflight(manifest, config.export_formats, config.mlflow, upscaler)  # refused now, not after training
-    config.run_name = config.run_name or run_storage.default_run_name()
+    config.run_name = config.run_name or default_run_name("train")
     config.storage_path = _absolute_storage(config.storage_path)
     where = init_ray(trains=True)
     nodes = _node_addresses()

@@ -29,7 +29,7 @@ from latentforge.autoencoder.config import AutoencoderTrainConfig
 from latentforge.config import ConfigError, config_to_dict, from_dict
 from latentforge.manifest import manifest_digest, read_manifest
 from latentforge.reporting import summary_table
-from latentforge.tracking import AsyncMetricLogger, StageRun, tracking_uri
+from latentforge.tracking import AsyncMetricLogger, StageRun, default_run_name, tracking_uri
 from latentforge.training import run_storage
 from pipelines.train import _absolute_storage, _node_addresses, read_data_manifest
 from pipelines.train_worker import say
@@ -98,7 +98,7 @@ def run(config: AutoencoderTrainConfig) -> AutoencoderResult:
     from pipelines.runtime import init_ray
 
     work = plan(config)
-    config.run_name = config.run_name or "autoencoder-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    config.run_name = config.run_name or default_run_name("autoencoder")
     config.storage_path = _absolute_storage(config.storage_path)
     where = init_ray(trains=True)
     run_storage.check_storage(config.storage_path, _node_addresses(), config.storage_is_shared)

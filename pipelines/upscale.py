@@ -194,7 +194,7 @@ def _start_manifest(config: GenerateConfig, cascade: Cascade, requests: list[Req
 
 def run(config: GenerateConfig) -> GenerateResult:
     """Upscale every request not already finished in `config.out` (its PNG there, same prompt, seed, last stage)."""
-    from latentforge.tracking import StageRun
+    from latentforge.tracking import StageRun, default_run_name
 
     config.check_required()
     started = time.monotonic()
@@ -207,7 +207,7 @@ def run(config: GenerateConfig) -> GenerateResult:
     manifest = _start_manifest(config, cascade, requests)
     done = finished(config.out, requests, {"upscaler": cascade.upscalers[-1], "noise_level": config.noise_level})
     todo = [r for r in requests if r.index not in done]
-    with StageRun("generate", run_name=config.run_name or "upscale", enabled=config.mlflow) as tracker:
+    with StageRun("generate", run_name=config.run_name or default_run_name("upscale", config.out), enabled=config.mlflow) as tracker:
         tracker.log_params(config_to_dict(config))
         for export_dir in [cascade.base, *cascade.upscalers]:  # lineage: the training runs of every stage
             if export_dir:

@@ -29,6 +29,52 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or invalid."""
 
 
+class StageConfig:
+    """Base of every stage config and of every option section mixed into one: one validation entry point.
+
+    The dataclass's `__post_init__` calls `validate()` once. A section or a stage overrides `validate`,
+    checks its own fields and calls `super().validate()`, so one call walks the whole MRO (sections are
+    defined once and mixed in, torchtitan-style, while the command line keeps its flat flags).
+    `check_required()` refuses a run that lacks an option it needs; it is separate because
+    `--print-config` must work on a config that is not complete yet.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's value; raise ConfigError naming the option."""
+
+    def missing_options(self) -> list[str]:
+        """Flags (`--out`, `--model or --init-images`) a run needs that are not given; [] by default."""
+        return []
+
+    def check_required(self) -> None:
+        """Refuse a run without the options it needs, all named in one error."""
+        missing = self.missing_options()
+        if missing:
+            raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+
+    def check_at_least(self, minimum: float, *names: str) -> None:
+        """Each named field is >= minimum (None counts as unset and passes)."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+    def check_positive(self, *names: str) -> None:
+        """Each named field is > 0."""
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    def check_fraction(self, *names: str) -> None:
+        """Each named field is in [0, 1]."""
+        for name in names:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
 @functools.cache
 def field_docs(cls: type) -> Mapping[str, str]:
     """Attribute docstrings (the string literal right under each field) of a dataclass.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from latentforge.config import ConfigError
+from latentforge.config import ConfigError, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,18 @@ DEFAULT_EXPERIMENT = "latentforge"
 
 
 @dataclass
-class TrackingOptions:
+class TrackingOptions(StageConfig):
     """Base of every stage config: whether the stage tracks itself in MLflow."""
 
     mlflow: bool = True
     """Track this stage in MLflow (MLFLOW_TRACKING_URI, else ./mlruns); --no-mlflow: no MLflow call at all."""
+
+
+def default_run_name(stage: str, location: str | None = None) -> str:
+    """The run name a stage gets when the user gives none: `<stage>-<last part of its output location>`,
+    or `<stage>-<UTC time>` for a stage without one (a training run, whose directory is named after it)."""
+    tail = (location or "").rstrip("/").rsplit("/", 1)[-1]
+    return f"{stage}-{tail or time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def tracking_uri() -> str:

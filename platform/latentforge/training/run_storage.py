@@ -9,7 +9,6 @@ would point into a different sample order.
 
 from __future__ import annotations
 
-import datetime as _dt
 from typing import Any, Iterable
 
 from latentforge import storage
@@ -53,10 +52,6 @@ def check_storage_seen(storage_path: str, views: dict[str, str], driver_address:
             f"--storage-is-shared, but storage_path {storage_path!r} is not one directory on every node: the "
             f"driver (on {driver_address}) wrote a file there that these nodes do not see: {', '.join(wrong)}. "
             "Mount the shared filesystem at that path on every node, or use a shared URI (s3://, gs://, ...)")
-
-
-def default_run_name() -> str:
-    return "train-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
 def run_dir(storage_path: str, run_name: str) -> str:
