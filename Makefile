@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= --durations=30
 
-.PHONY: install chromium demo test test-fast mlflow benchmarks clean
+.PHONY: install chromium demo test test-fast mlflow clean
 
 # The venv is created once; the project is (re)installed when pyproject.toml changes.
 $(PY):
