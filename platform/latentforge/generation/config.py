@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from latentforge.config import ConfigError
-from latentforge.generation.options import DTYPES, SamplingOptions, UpscalerOptions
+from latentforge.generation.options import SamplingOptions, UpscalerOptions
 from latentforge.tracking import TrackingOptions
 
 
@@ -75,4 +75,4 @@ class GenerateConfig(SamplingOptions, UpscalerOptions, TrackingOptions):
                 **({"condition": ",".join(self.condition)} if self.condition else {})}
 
 
-__all__ = ["GenerateConfig", "DTYPES"]
+__all__ = ["GenerateConfig"]
