@@ -129,7 +129,7 @@ def test_a_shared_field_is_declared_once_and_both_stages_use_it() -> None:
         assert [f.name for f in sections[SamplingOptions]] == [f.name for f in dataclasses.fields(SamplingOptions)]
         for section in (SamplingOptions, UpscalerOptions):  # one help text, the section's
             assert {f.name: field_docs(config)[f.name] for f in dataclasses.fields(section)} == field_docs(section)
-    declared = lambda cls: set(vars(cls).get("__annotations__", {}))  # noqa: E731
+    declared = lambda cls: set(inspect.get_annotations(cls))  # noqa: E731
     assert not declared(generate) & (declared(SamplingOptions) | declared(UpscalerOptions))
     # evaluate keeps its own batch default: it re-declares the default only, the section keeps the field
     assert declared(evaluate) & (declared(SamplingOptions) | declared(UpscalerOptions)) == {"batch_size"}

@@ -231,7 +231,7 @@ def option_sections(cls: type) -> dict[type, list[dataclasses.Field]]:
 
 
 def _declaring_class(cls: type, name: str) -> type:
-    return next(klass for klass in reversed(cls.__mro__) if name in vars(klass).get("__annotations__", {}))
+    return next((klass for klass in reversed(cls.__mro__) if name in inspect.get_annotations(klass)), cls)
 
 
 def _summary(klass: type) -> str:
