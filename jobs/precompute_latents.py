@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
 
     def work() -> object:
-        config.require_paths()
+        config.check_required()
         from pipelines.precompute import run
 
         return run(config)

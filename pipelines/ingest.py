@@ -112,7 +112,7 @@ def run(config: IngestConfig) -> IngestResult:
     """Plan, validate and run the ingest; raises InputError/ManifestError before any download."""
     from latentforge.tracking import StageRun, default_run_name
 
-    config.check_paths()
+    config.check_required()
     started = time.monotonic()
     plan = input_plan(config)
     state = open_state(config, plan)

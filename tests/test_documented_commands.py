@@ -65,7 +65,7 @@ def _training_checks(config_class: type, preset_dir: str) -> Callable[[Command, 
 
 
 def _precompute_checks(command: Command, flags: list[str]) -> None:
-    parse_config(PrecomputeConfig, flags, preset_dir=_bootstrap.PRESETS / "precompute").require_paths()
+    parse_config(PrecomputeConfig, flags, preset_dir=_bootstrap.PRESETS / "precompute").check_required()
 
 
 BEFORE_START = {"jobs/train.py": _training_checks(TrainConfig, "train"),

@@ -70,7 +70,7 @@ def test_config_validation_and_presets(tmp_path) -> None:
     with pytest.raises(ConfigError):
         PrecomputeConfig(vae_type="autoencoder_kl", vae="")
     with pytest.raises(ConfigError):
-        PrecomputeConfig(input="", output="x").require_paths()
+        PrecomputeConfig(input="", output="x").check_required()
     assert PrecomputeConfig(dtype="bf16").tolerance == 5e-2
 
 

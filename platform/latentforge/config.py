@@ -200,7 +200,11 @@ def _flag(name: str) -> str:
 
 
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one `--flag` per field; help text from the field docstrings."""
+    """An argparse parser with one `--flag` per field; help text from the field docstrings.
+
+    `--help` lists the flags by section: the stage's own fields first, then one group per option
+    section it mixes in (the class that declares the field); the flags themselves stay flat.
+    """
     parser = argparse.ArgumentParser(
         description=description or (cls.__doc__ or "").strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -209,20 +213,44 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     docs = field_docs(cls)
     hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, _ = _strip_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else _factory_default(f)
-        help_text = docs.get(f.name, "")
-        if tp is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
-        elif _is_list(hints[f.name]):  # repeatable: --condition a=1 --condition b=2 is --condition a=1,b=2
-            parser.add_argument(_flag(f.name), dest=f.name, action="append", default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=f"{help_text} (repeatable; default: {default!r})")
-        else:
-            parser.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=f"{help_text} (default: {default!r})")
+    for section, fields in option_sections(cls).items():
+        group = parser.add_argument_group(section.__name__, None if section is cls else _summary(section))
+        for f in fields:
+            _add_flag(group, f, hints[f.name], docs.get(f.name, ""))
     return parser
+
+
+def option_sections(cls: type) -> dict[type, list[dataclasses.Field]]:
+    """The dataclass's fields by the class that declares each one (its section), the stage's own first.
+
+    A field a stage re-declares only to change its default stays in the section that declares it.
+    """
+    owners = {f.name: _declaring_class(cls, f.name) for f in dataclasses.fields(cls)}
+    return {klass: [f for f in dataclasses.fields(cls) if owners[f.name] is klass]
+            for klass in cls.__mro__ if klass in owners.values()}
+
+
+def _declaring_class(cls: type, name: str) -> type:
+    return next((klass for klass in reversed(cls.__mro__) if name in inspect.get_annotations(klass)), cls)
+
+
+def _summary(klass: type) -> str:
+    """A section's docstring up to its first blank line."""
+    return " ".join((inspect.getdoc(klass) or "").split("\n\n")[0].split())
+
+
+def _add_flag(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any, help_text: str) -> None:
+    tp, _ = _strip_optional(hint)
+    default = f.default if f.default is not dataclasses.MISSING else _factory_default(f)
+    if tp is bool:
+        group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+    elif _is_list(hint):  # repeatable: --condition a=1 --condition b=2 is --condition a=1,b=2
+        group.add_argument(_flag(f.name), dest=f.name, action="append", default=argparse.SUPPRESS,
+                           metavar=f.name.upper(), help=f"{help_text} (repeatable; default: {default!r})")
+    else:
+        group.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS,
+                           metavar=f.name.upper(), help=f"{help_text} (default: {default!r})")
 
 
 def resolve_preset(preset: str, preset_dir: str | Path | None) -> Path:

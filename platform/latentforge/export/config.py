@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from latentforge.config import ConfigError, StageConfig
 from latentforge.export.target import EXPORT_FORMATS
 
 SINGLE_FILE_DTYPES = ("fp32", "fp16")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(StageConfig):
     """Export a trained model for diffusers, single-file tools (ComfyUI / A1111) or the MLflow registry."""
 
     model: str = ""
@@ -30,16 +31,16 @@ class ExportConfig:
     title: str | None = None
     """single-file: ModelSpec title (default: the training run name or the export dir name)."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         if self.format not in EXPORT_FORMATS:
-            raise ValueError(f"format must be one of {list(EXPORT_FORMATS)}, got {self.format!r}")
+            raise ConfigError(f"format must be one of {list(EXPORT_FORMATS)}, got {self.format!r}")
         if self.sampler.lower() not in ("ddim", "dpmsolver++"):
-            raise ValueError(f"sampler must be ddim or dpmsolver++, got {self.sampler!r}")
+            raise ConfigError(f"sampler must be ddim or dpmsolver++, got {self.sampler!r}")
         if self.dtype not in SINGLE_FILE_DTYPES:
-            raise ValueError(f"dtype must be one of {list(SINGLE_FILE_DTYPES)}")
+            raise ConfigError(f"dtype must be one of {list(SINGLE_FILE_DTYPES)}")
         if self.register_as is not None and self.format != "mlflow":
-            raise ValueError("--register-as needs --format mlflow")
+            raise ConfigError("--register-as needs --format mlflow")
 
-    def check_required(self) -> None:
-        if not self.model:
-            raise ValueError("missing required option --model")
+    def missing_options(self) -> list[str]:
+        return [] if self.model else ["--model"]

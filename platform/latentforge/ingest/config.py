@@ -122,13 +122,24 @@ class IngestConfig(TrackingOptions):
     run_name: Optional[str] = None
     """MLflow run name; default ingest-<output dir name>."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         if not 1 <= self.samples_per_shard <= MAX_SAMPLES_PER_SHARD:
             raise ConfigError(f"samples_per_shard must be in 1..{MAX_SAMPLES_PER_SHARD}, got {self.samples_per_shard}")
         if not self.url_col:
             raise ConfigError("url_col must name a column")
         if self.caption_col is not None and self.caption_col.strip().lower() in ("", "none", "null"):
             self.caption_col = None
+        self._check_images()
+        for name in ("timeout_s", "max_bytes", "threads_per_shard", "max_per_host", "max_image_pixels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("retries", "backoff_s", "backoff_max_s", "max_retry_after_s", "max_redirects", "min_image_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        self._check_download_policy()
+
+    def _check_images(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ConfigError(f"resize_mode must be one of {RESIZE_MODES}")
         if self.image_size <= 0:
@@ -137,15 +148,11 @@ class IngestConfig(TrackingOptions):
             raise ConfigError("for png, encode_quality is the compression level 0..9")
         if self.encode_format != "png" and not 0 <= self.encode_quality <= 100:
             raise ConfigError("encode_quality must be in 0..100")
-        for name in ("timeout_s", "max_bytes", "threads_per_shard", "max_per_host", "max_image_pixels"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
-        for name in ("retries", "backoff_s", "backoff_max_s", "max_retry_after_s", "max_redirects", "min_image_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0")
         if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
             raise ConfigError("max_aspect_ratio must be >= 1")
         self.allowed_formats = [f.upper() for f in self.allowed_formats]
+
+    def _check_download_policy(self) -> None:
         self.opt_out_directives = [d.strip().lower() for d in self.opt_out_directives]
         unknown = sorted(set(self.retry_reasons) - set(FAILURE_REASONS))
         if unknown:
@@ -156,12 +163,11 @@ class IngestConfig(TrackingOptions):
             except ValueError as exc:
                 raise ConfigError(f"allow_networks: {cidr!r} is not a CIDR") from exc
 
-    def check_paths(self) -> None:
+    def missing_options(self) -> list[str]:
         """input and output are required to run (not to print the config)."""
-        if not self.input:
-            raise ConfigError("--input is required (a file, directory, glob or URI of URL lists)")
-        if not self.output:
-            raise ConfigError("--output is required (the shard directory)")
+        given = {"--input (a file, directory, glob or URI of URL lists)": self.input,
+                 "--output (the shard directory)": self.output}
+        return [flag for flag, value in given.items() if not value]
 
 
 #: Settings that must not change between runs writing into one output directory.

@@ -116,26 +116,25 @@ class PrecomputeConfig(TrackingOptions):
     progress: bool = True
     """Show a progress bar."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         parse_condition_columns(self.condition)  # a malformed --condition is a usage error now
+        self._check_vae()
+        self.check_at_least(1, "resolution", "batch_size", "read_batch_size", "patch_size")
+        self._check_resolutions()
+        self.check_at_least(0, "concurrency", "fidelity_samples", "max_shards", "fidelity_tolerance")
+        if self.read_retries < 0 or self.read_backoff_s < 0:
+            raise ConfigError("read_retries and read_backoff_s must be >= 0")
+        if self.num_gpus_per_actor <= 0 or self.num_cpus_per_actor < 0:
+            raise ConfigError("num_gpus_per_actor must be > 0 and num_cpus_per_actor >= 0 (0 = auto)")
+
+    def _check_vae(self) -> None:
         if self.vae_type not in VAE_TYPES:
             raise ConfigError(f"vae_type: {self.vae_type!r} is not one of {list(VAE_TYPES)}")
         if self.vae_type != "patchify" and not self.vae:
             raise ConfigError(f"vae: a directory or hub id is required for vae_type {self.vae_type}")
         if self.vae_type == "patchify":
             self.vae = ""
-        for name in ("resolution", "batch_size", "read_batch_size", "patch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
-        self._check_resolutions()
-        if self.concurrency < 0 or self.fidelity_samples < 0 or self.max_shards < 0:
-            raise ConfigError("concurrency, fidelity_samples and max_shards must be >= 0")
-        if self.read_retries < 0 or self.read_backoff_s < 0:
-            raise ConfigError("read_retries and read_backoff_s must be >= 0")
-        if self.fidelity_tolerance < 0:
-            raise ConfigError("fidelity_tolerance must be >= 0")
-        if self.num_gpus_per_actor <= 0 or self.num_cpus_per_actor < 0:
-            raise ConfigError("num_gpus_per_actor must be > 0 and num_cpus_per_actor >= 0 (0 = auto)")
 
     def _check_resolutions(self) -> None:
         if not self.resolutions:
@@ -163,9 +162,9 @@ class PrecomputeConfig(TrackingOptions):
         return replace(self, resolution=resolution, resolutions=[], store_pixels=self.stores_pixels_at(resolution),
                        output=storage.join(self.output, resolution_dir(resolution)))
 
-    def require_paths(self) -> None:
-        if not self.input or not self.output:
-            raise ConfigError("--input (ingest output dir) and --output (latent dir) are required")
+    def missing_options(self) -> list[str]:
+        given = {"--input (ingest output dir)": self.input, "--output (latent dir)": self.output}
+        return [flag for flag, value in given.items() if not value]
 
     @property
     def condition_columns(self) -> list[ConditionColumn]:

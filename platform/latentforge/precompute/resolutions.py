@@ -63,7 +63,7 @@ def plan_targets(config: PrecomputeConfig) -> list[Target]:
     """The run's datasets and what each still has to encode; refuses an output made another way (exit 2)."""
     if not config.resolutions:
         return [Target(config, plan_run(config))]
-    config.require_paths()
+    config.check_required()
     check_parent(config)
     subs = {r: config.at_resolution(r) for r in config.resolutions}
     return [Target(sub, plan_run(sub), columns={name: config.column(name, r) for name in ("image", "meta", "latent")})

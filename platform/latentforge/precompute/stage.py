@@ -37,7 +37,7 @@ class Plan:
 
 def plan_run(config: PrecomputeConfig) -> Plan:
     """Read the ingest manifest, refuse an incompatible output dir, work out what is left."""
-    config.require_paths()
+    config.check_required()
     input_manifest = read_manifest(config.input, stage="ingest")
     check_ingest_columns(input_manifest.extra, config.condition_columns)
     digest = manifest_digest(config.input)
