@@ -67,17 +67,11 @@ def _metric_models(config: EvaluateConfig, device: Any) -> tuple[Any, Any]:
     return inception, clip
 
 
-def _params(config: EvaluateConfig) -> Any:
-    from latentforge.generation.sampler import SampleParams
-
-    return SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
-                        negative_prompt=config.negative_prompt)
-
-
 def _upscaler_params(config: EvaluateConfig) -> Any:
+    from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.cascade import upscaler_params
 
-    return upscaler_params(_params(config), config.upscaler_steps, config.upscaler_guidance)
+    return upscaler_params(SampleParams.from_options(config), config.upscaler_steps, config.upscaler_guidance)
 
 
 def _metric_rows(metrics: dict[str, float], info: dict[str, Any], suffix: str = "") -> list[tuple[str, Any]]:
@@ -139,11 +133,12 @@ def _target(config: EvaluateConfig, eval_set: Any) -> Target:
 def _score_base(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_sampler
     from latentforge.generation.export import load_export
+    from latentforge.generation.sampler import SampleParams
 
     inception, clip = _metric_models(config, device)
     model = load_export(target.export_dir, device=device, dtype=dtype)
     sampler = model.sampler(device=device, dtype=dtype, text_states=config.text_states)
-    scored = score_sampler(sampler, eval_set, config.num_samples, _params(config), seed=config.seed,
+    scored = score_sampler(sampler, eval_set, config.num_samples, SampleParams.from_options(config), seed=config.seed,
                            batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir)
     rows = [("samples (N)", int(scored.metrics["num_samples"])), *_metric_rows(scored.metrics, scored.info),
             *_description_rows(scored.info)]
@@ -166,6 +161,7 @@ def _plan_cascade(config: EvaluateConfig) -> Any:
 def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_cascade
     from latentforge.generation.export import load_export
+    from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.sampling import Upscaler
 
     cascade = target.cascade
@@ -174,7 +170,7 @@ def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device
     exports = [load_export(d, device=device, dtype=dtype) for d in cascade.upscalers]
     upscalers = [Upscaler(e, device, dtype, config.text_states) for e in exports]
     scored = score_cascade(model.sampler(device=device, dtype=dtype, text_states=config.text_states), upscalers,
-                           eval_set, config.num_samples, _params(config), config.noise_level, seed=config.seed,
+                           eval_set, config.num_samples, SampleParams.from_options(config), config.noise_level, seed=config.seed,
                            batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir,
                            upscaler_params=_upscaler_params(config))
     sizes = scored.info["resolutions"]
