@@ -67,17 +67,11 @@ def _metric_models(config: EvaluateConfig, device: Any) -> tuple[Any, Any]:
     return inception, clip
 
 
-def _params(config: EvaluateConfig) -> Any:
-    from latentforge.generation.sampler import SampleParams
-
-    return SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
-                        negative_prompt=config.negative_prompt)
-
-
 def _upscaler_params(config: EvaluateConfig) -> Any:
+    from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.cascade import upscaler_params
 
-    return upscaler_params(_params(config), config.upscaler_steps, config.upscaler_guidance)
+    return upscaler_params(SampleParams.from_options(config), config.upscaler_steps, config.upscaler_guidance)
 
 
 def _metric_rows(metrics: dict[str, float], info: dict[str, Any], suffix: str = "") -> list[tuple[str, Any]]:
@@ -139,11 +133,12 @@ def _target(config: EvaluateConfig, eval_set: Any) -> Target:
 def _score_base(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_sampler
     from latentforge.generation.export import load_export
+    from latentforge.generation.sampler import SampleParams
 
     inception, clip = _metric_models(config, device)
     model = load_export(target.export_dir, device=device, dtype=dtype)
     sampler = model.sampler(device=device, dtype=dtype, text_states=config.text_states)
-    scored = score_sampler(sampler, eval_set, config.num_samples, _params(config), seed=config.seed,
+    scored = score_sampler(sampler, eval_set, config.num_samples, SampleParams.from_options(config), seed=config.seed,
                            batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir)
     rows = [("samples (N)", int(scored.metrics["num_samples"])), *_metric_rows(scored.metrics, scored.info),
             *_description_rows(scored.info)]
@@ -166,6 +161,7 @@ def _plan_cascade(config: EvaluateConfig) -> Any:
 def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_cascade
     from latentforge.generation.export import load_export
+    from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.sampling import Upscaler
 
     cascade = target.cascade
@@ -174,8 +170,9 @@ def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device
     exports = [load_export(d, device=device, dtype=dtype) for d in cascade.upscalers]
     upscalers = [Upscaler(e, device, dtype, config.text_states) for e in exports]
     scored = score_cascade(model.sampler(device=device, dtype=dtype, text_states=config.text_states), upscalers,
-                           eval_set, config.num_samples, _params(config), config.noise_level, seed=config.seed,
-                           batch_size=config.batch_size, inception=inception, clip=clip, cache_dir=config.cache_dir,
+                           eval_set, config.num_samples, SampleParams.from_options(config), config.noise_level,
+                           seed=config.seed, batch_size=config.batch_size, inception=inception, clip=clip,
+                           cache_dir=config.cache_dir,
                            upscaler_params=_upscaler_params(config))
     sizes = scored.info["resolutions"]
     sources = [(export, {k: v for k, v in scored.metrics.items() if k.endswith(f"_{size}px")})
@@ -244,6 +241,49 @@ def _log_to_sources(scored: Scored, files: list[str]) -> list[str]:
 MODES = {"": _score_base, "cascade": _score_cascade, "sr": _score_sr}
 
 
+def _out_dir(config: EvaluateConfig, target: Target) -> str:
+    """`--out`, or eval/[KIND_]step_NNNNNN beside the export; made if missing."""
+    out = config.out or storage.join(target.export_dir, "eval",
+                                     f"{target.kind + '_' if target.kind else ''}step_{target.step:06d}")
+    storage.makedirs(out)
+    return out
+
+
+def _log_inputs(tracker: Any, config: EvaluateConfig, eval_set: Any, target: Target) -> None:
+    tracker.log_params(config_to_dict(config))
+    tracker.log_manifest(config.eval_set, eval_set.manifest_sha256, "input", name="eval_set")
+    if target.manifest_sha256:
+        tracker.log_manifest(target.export_dir, target.manifest_sha256, "input", name="model")
+
+
+def _write_results(config: EvaluateConfig, out: str, scored: Scored, target: Target,
+                   started: float) -> tuple[list[str], dict[str, Any]]:
+    """The pictures and metrics.json in `out`; the files written and the run's info."""
+    files = _save_pictures(out, scored.pictures, {"eval_set": config.eval_set, "step": target.step})
+    seconds = time.monotonic() - started
+    info = {**scored.info, "model": target.export_dir, "step": target.step, "source_run_id": target.source_run_id,
+            "seconds": seconds}
+    files.append(storage.join(out, "metrics.json"))
+    storage.atomic_write_json(files[-1], {"metrics": scored.metrics, "info": info})
+    return files, info
+
+
+def _log_outputs(tracker: Any, scored: Scored, info: dict[str, Any], files: list[str], step: int) -> None:
+    tracker.log_metrics(scored.metrics, step=step)
+    tracker.set_tags({k: v for k, v in info.items() if k.startswith(("fid_", "clip_")) and v is not None})
+    for path in files:
+        tracker.log_artifact(path)
+
+
+def _result(config: EvaluateConfig, target: Target, scored: Scored, info: dict[str, Any], out: str,
+            logged_to: list[str], run_id: str | None) -> EvaluateResult:
+    rows = [("model", target.export_dir), ("step", target.step), ("eval set", config.eval_set), *scored.rows,
+            ("logged into run", ", ".join(logged_to) or "-"), ("output", out), ("seconds", f"{info['seconds']:.1f}")]
+    table = reporting.summary_table("evaluate", rows)
+    return EvaluateResult(scored.metrics, info, out, target.source_run_id, run_id,
+                          summary=f"{scored.preface}\n\n{table}" if scored.preface else table)
+
+
 def run(config: EvaluateConfig) -> EvaluateResult:
     from latentforge.evaluation.eval_set import open_eval_set
     from latentforge.generation.devices import resolve_device, resolve_dtype
@@ -254,32 +294,14 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     eval_set = open_eval_set(config.eval_set)
     target = _target(config, eval_set)
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-    step = target.step
-    out = config.out or storage.join(target.export_dir, "eval",
-                                     f"{target.kind + '_' if target.kind else ''}step_{step:06d}")
-    storage.makedirs(out)
+    out = _out_dir(config, target)
     run_name = config.run_name or default_run_name("evaluate", target.source_run_id or target.export_dir)
     # The run is open while scoring: a long evaluation shows as running, a failed one as failed.
-    with StageRun("evaluate", run_name=run_name, enabled=config.mlflow) as run_:
-        run_.log_params(config_to_dict(config))
-        run_.log_manifest(config.eval_set, eval_set.manifest_sha256, "input", name="eval_set")
-        if target.manifest_sha256:
-            run_.log_manifest(target.export_dir, target.manifest_sha256, "input", name="model")
+    with StageRun("evaluate", run_name=run_name, enabled=config.mlflow) as tracker:
+        _log_inputs(tracker, config, eval_set, target)
         scored = MODES[target.kind](config, eval_set, target, device, dtype)
-        files = _save_pictures(out, scored.pictures, {"eval_set": config.eval_set, "step": step})
-        seconds = time.monotonic() - started
-        info = {**scored.info, "model": target.export_dir, "step": step, "source_run_id": target.source_run_id,
-                "seconds": seconds}
-        files.append(storage.join(out, "metrics.json"))
-        storage.atomic_write_json(files[-1], {"metrics": scored.metrics, "info": info})
-        run_.log_metrics(scored.metrics, step=step)
-        run_.set_tags({k: v for k, v in info.items() if k.startswith(("fid_", "clip_")) and v is not None})
-        for path in files:
-            run_.log_artifact(path)
+        files, info = _write_results(config, out, scored, target, started)
+        _log_outputs(tracker, scored, info, files, target.step)
         logged_to = _log_to_sources(scored, files) if config.mlflow and config.log_to_source_run else []
-        rows = [("model", target.export_dir), ("step", step), ("eval set", config.eval_set), *scored.rows,
-                ("logged into run", ", ".join(logged_to) or "-"), ("output", out), ("seconds", f"{seconds:.1f}")]
-        table = reporting.summary_table("evaluate", rows)
-        result = EvaluateResult(scored.metrics, info, out, target.source_run_id, getattr(run_, "run_id", None),
-                                summary=f"{scored.preface}\n\n{table}" if scored.preface else table)
+        result = _result(config, target, scored, info, out, logged_to, getattr(tracker, "run_id", None))
     return result

@@ -107,6 +107,68 @@ def _signals_raise() -> Iterator[_Signals]:
         signals.restore()
 
 
+@dataclass
+class Progress:
+    """This run's tally so far; kept when a signal stops the run, so what finished is reported."""
+
+    ok: int = 0
+    rows: int = 0
+    shards: int = 0
+
+
+def _todo(config: IngestConfig, state: IngestState) -> tuple[list[dict[str, Any]], int]:
+    """The shard descriptors this run does (unfinished base shards, then `--retry` rows) and their row count."""
+    descriptors = state.pending_base()
+    if config.retry_reasons:
+        descriptors += state.retry_descriptors(config.retry_reasons)
+    rows_todo = sum((d["end"] - d["start"]) if d["kind"] == "range" else len(d["rows"]) for d in descriptors)
+    return descriptors, rows_todo
+
+
+def _ingest(config: IngestConfig, plan: InputPlan, state: IngestState, descriptors: list[dict[str, Any]],
+            rows_todo: int, signals: _Signals, tracker: Any, progress: Progress) -> None:
+    """Run the shards on Ray, recording each in the manifest as it finishes and counting it in `progress`."""
+    where = _connect(config, len(descriptors))
+    signals.install()  # again: ray.init replaces SIGTERM with a handler that aborts
+    log.info("ingest: %d shard(s), %d row(s) to do on %s", len(descriptors), rows_todo, where)
+    bar = reporting.progress_bar(rows_todo, "ingest", "row", config.progress)
+    try:
+        for result in _execute(descriptors, config, plan):
+            state.record(result)
+            rows = result["stats"]["rows"]
+            progress.ok += result["samples"]
+            progress.rows += rows
+            progress.shards += 1
+            bar.update(rows)
+            bar.set_postfix(ok=progress.ok, shards=f"{progress.shards}/{len(descriptors)}")
+            tracker.log_metrics({"rows_done": progress.rows, "ok_done": progress.ok}, step=progress.shards)
+    finally:
+        bar.close()
+
+
+def _finish(config: IngestConfig, state: IngestState, progress: Progress, started: float,
+            interrupted: Interrupted | None, run_id: str | None) -> IngestResult:
+    """The manifest saved, the input index dropped (the next run indexes its input afresh); the result."""
+    digest = state.save()
+    discard_index(config.output)
+    result = IngestResult(output=config.output, counts=state.manifest.counts, shards_done=progress.shards,
+                          rows_done=progress.rows, seconds=time.monotonic() - started, manifest_sha256=digest,
+                          mlflow_run_id=run_id,
+                          extra={"ok_this_run": progress.ok, "dropped": state.dropped,
+                                 "complete": state.manifest.extra.get("complete"),
+                                 "interrupted": interrupted.signum if interrupted else None})
+    result.summary = summary(result, config, state)
+    return result
+
+
+def _log_outputs(tracker: Any, result: IngestResult) -> None:
+    metrics = {f"count.{k}": v for k, v in result.counts.items()}
+    metrics.update(images_per_s=result.extra["ok_this_run"] / result.seconds if result.seconds else 0.0,
+                   rows_this_run=result.rows_done, seconds=result.seconds, success_rate=_rate(result.counts))
+    tracker.log_metrics(metrics)
+    tracker.log_manifest(result.output, result.manifest_sha256, "output")
+    tracker.set_tags({"latentforge.output_uri": result.output})
+
 
 def run(config: IngestConfig) -> IngestResult:
     """Plan, validate and run the ingest; raises InputError/ManifestError before any download."""
@@ -116,54 +178,19 @@ def run(config: IngestConfig) -> IngestResult:
     started = time.monotonic()
     plan = input_plan(config)
     state = open_state(config, plan)
-    descriptors = state.pending_base()
-    if config.retry_reasons:
-        descriptors += state.retry_descriptors(config.retry_reasons)
-    rows_todo = sum((d["end"] - d["start"]) if d["kind"] == "range" else len(d["rows"]) for d in descriptors)
+    descriptors, rows_todo = _todo(config, state)
     run_name = config.run_name or default_run_name("ingest", config.output)
-    tracker = StageRun("ingest", run_name=run_name, enabled=config.mlflow)
-    ok_this_run = rows_this_run = shards_this_run = 0
-    digest = ""
+    progress = Progress()
     interrupted: Interrupted | None = None
-    with tracker as run_, _signals_raise() as signals:
-        run_.log_params(config_to_dict(config))
+    with StageRun("ingest", run_name=run_name, enabled=config.mlflow) as tracker, _signals_raise() as signals:
+        tracker.log_params(config_to_dict(config))
         try:
             if descriptors:
-                where = _connect(config, len(descriptors))
-                signals.install()  # again: ray.init replaces SIGTERM with a handler that aborts
-                log.info("ingest: %d shard(s), %d row(s) to do on %s", len(descriptors), rows_todo, where)
-                bar = reporting.progress_bar(rows_todo, "ingest", "row", config.progress)
-                try:
-                    for result in _execute(descriptors, config, plan):
-                        digest = state.record(result)
-                        rows = result["stats"]["rows"]
-                        ok_this_run += result["samples"]
-                        rows_this_run += rows
-                        shards_this_run += 1
-                        bar.update(rows)
-                        bar.set_postfix(ok=ok_this_run, shards=f"{shards_this_run}/{len(descriptors)}")
-                        run_.log_metrics({"rows_done": rows_this_run, "ok_done": ok_this_run}, step=shards_this_run)
-                finally:
-                    bar.close()
+                _ingest(config, plan, state, descriptors, rows_todo, signals, tracker, progress)
         except Interrupted as exc:
             interrupted = exc
-        digest = state.save()
-        discard_index(config.output)  # the next run indexes its input afresh
-        seconds = time.monotonic() - started
-        counts = state.manifest.counts
-        result = IngestResult(output=config.output, counts=counts, shards_done=shards_this_run,
-                              rows_done=rows_this_run, seconds=seconds, manifest_sha256=digest,
-                              mlflow_run_id=getattr(run_, "run_id", None),
-                              extra={"ok_this_run": ok_this_run, "dropped": state.dropped,
-                                     "complete": state.manifest.extra.get("complete"),
-                                     "interrupted": interrupted.signum if interrupted else None})
-        result.summary = summary(result, config, state)
-        metrics = {f"count.{k}": v for k, v in counts.items()}
-        metrics.update(images_per_s=ok_this_run / seconds if seconds else 0.0, rows_this_run=rows_this_run,
-                       seconds=seconds, success_rate=_rate(counts))
-        run_.log_metrics(metrics)
-        run_.log_manifest(config.output, digest, "output")
-        run_.set_tags({"latentforge.output_uri": config.output})
+        result = _finish(config, state, progress, started, interrupted, getattr(tracker, "run_id", None))
+        _log_outputs(tracker, result)
         if interrupted is not None:
             raise interrupted
     return result

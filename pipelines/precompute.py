@@ -51,9 +51,7 @@ class PrecomputeResult:
     summary: str = ""
 
 
-# ---------------------------------------------------------------------------------------------
-# Graph stages (run on Ray workers)
-# ---------------------------------------------------------------------------------------------
+# --- Graph stages (run on Ray workers) ------------------------------------------------------------
 
 def read_shards(batch: dict[str, np.ndarray], *, input_dir: str, preprocess: dict[str, Any], rows_per_block: int,
                 batch_size: int, retries: int, backoff_s: float) -> Iterator[dict[str, np.ndarray]]:
@@ -161,9 +159,7 @@ def _one_process(fn: Any, gpus: float, *args: Any) -> Any:
     return fn(*args)
 
 
-# ---------------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------------
+# --- Driver ---------------------------------------------------------------------------------------
 
 def run(config: PrecomputeConfig) -> PrecomputeResult:
     """Run the stage; exit codes come from `jobs/_bootstrap.run_job`.
@@ -188,7 +184,8 @@ class StageFailure(RuntimeError):
     """The stage ran but its result is not acceptable (fidelity breach, incomplete shards)."""
 
 
-def _run(config: PrecomputeConfig, targets: list[Target], tracking: StageRun) -> PrecomputeResult:
+def _cluster(config: PrecomputeConfig) -> tuple[str, float, EncoderActors]:
+    """Ray up; where the job runs, the cluster's GPUs and the encoder pool sized for them."""
     import ray
 
     from pipelines.runtime import init_ray
@@ -203,6 +200,21 @@ def _run(config: PrecomputeConfig, targets: list[Target], tracking: StageRun) ->
     actors = config.encoder_actors(free_cpus, gpus)
     log.info("precompute: encoder actors %s (cluster: %g CPU, %g free; %g GPU)", actors.describe(),
              resources.get("CPU", 0), free_cpus, gpus)
+    return where, gpus, actors
+
+
+def _fail_on_breach(summary: str, targets: list[Target]) -> None:
+    """StageFailure (after the numbers behind it) when a dataset's latents breach the fidelity gate."""
+    breach = next((t for t in targets if not t.fidelity.get("passed", True)), None)
+    if breach is not None:
+        print(summary, flush=True)
+        fidelity = breach.fidelity
+        raise StageFailure(f"fidelity gate{_where(breach, targets)}: max relative error {fidelity['max_rel_error']:.3e} "
+                           f"> tolerance {fidelity['tolerance']:.3e} (worst: {fidelity.get('worst_key')})")
+
+
+def _run(config: PrecomputeConfig, targets: list[Target], tracking: StageRun) -> PrecomputeResult:
+    where, gpus, actors = _cluster(config)
     started = time.monotonic()
     probe = _one_process(_probe, gpus, config)
     for target in targets:
@@ -211,25 +223,18 @@ def _run(config: PrecomputeConfig, targets: list[Target], tracking: StageRun) ->
     publish_all()
     log.info("precompute: %s (%s)", "; ".join(f"{t.label}: {len(t.plan.done)} shard(s) done, {len(t.plan.pending)} "
                                               "to encode" for t in targets), where)
-
     session_counts: Counter = Counter()
     failed: dict[str, str] = {}
     if any(t.plan.pending for t in targets):
         session_counts = _encode_targets(config, targets, actors, failed)
     _require_all_published(config, targets, failed, publish_all)
-
     for target in targets:
         target.fidelity = _one_process(_fidelity, gpus, target.config, sorted(target.records))
     publish_all()
     elapsed = time.monotonic() - started
     _log_run(tracking, targets, session_counts, elapsed)
     summary = summary_table("precompute summary", _summary_rows(config, targets, session_counts, elapsed, actors, where))
-    breach = next((t for t in targets if not t.fidelity.get("passed", True)), None)
-    if breach is not None:
-        print(summary, flush=True)  # the numbers behind the failure
-        fidelity = breach.fidelity
-        raise StageFailure(f"fidelity gate{_where(breach, targets)}: max relative error {fidelity['max_rel_error']:.3e} "
-                           f"> tolerance {fidelity['tolerance']:.3e} (worst: {fidelity.get('worst_key')})")
+    _fail_on_breach(summary, targets)
     return PrecomputeResult(config.output, summary)
 
 

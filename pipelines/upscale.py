@@ -22,10 +22,10 @@ from latentforge import reporting, storage
 from latentforge.config import ConfigError, config_to_dict
 from latentforge.generation.config import GenerateConfig
 from latentforge.generation.outputs import (GRID_NAME, INDEX_NAME, Request, as_dict, finished, load_prompts,
-                                           request_row, save_grid, save_png, write_index)
+                                           read_image, request_row, save_grid, save_png, write_index)
 from latentforge.upscaler.cascade import (Cascade, base_output_size, image_files, load_images, plan_cascade,
                                          run_upscalers, upscaler_params)
-from pipelines.generate import GenerateResult
+from pipelines.sampling_pool import GenerateResult, open_output, require_same_settings, run_actor_pool
 
 
 def _requests(config: GenerateConfig, count: int | None) -> list[Request]:
@@ -37,17 +37,6 @@ def _requests(config: GenerateConfig, count: int | None) -> list[Request]:
         return [Request(i, requests[0].prompt, config.seed + i) for i in range(count)]
     raise ConfigError(f"--prompts gives {len(requests)} prompts for {count} --init-images: give one per image "
                       "or a single prompt")
-
-
-def _params(config: GenerateConfig, size: int, conditions: dict[str, Any] | None = None) -> Any:
-    from latentforge.generation.sampler import SampleParams
-
-    return SampleParams(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
-                        negative_prompt=config.negative_prompt, height=size, width=size, conditions=conditions or {})
-
-
-def _upscaler_params(config: GenerateConfig, size: int) -> Any:
-    return upscaler_params(_params(config, size), config.upscaler_steps, config.upscaler_guidance)
 
 
 def base_conditions(config: GenerateConfig, cascade: Cascade) -> dict[str, Any]:
@@ -70,10 +59,15 @@ class Stages:
     def __init__(self, config: GenerateConfig, cascade: Cascade, conditions: dict[str, Any]) -> None:
         from latentforge.generation.devices import resolve_device, resolve_dtype
         from latentforge.generation.export import load_export
+        from latentforge.generation.sampler import SampleParams
         from latentforge.upscaler.sampling import Upscaler
 
         device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-        self.config, self.cascade, self.conditions, self.device = config, cascade, conditions, device
+        self.noise_level, self.device = config.noise_level, device
+        size = cascade.input_size
+        self.params = SampleParams.from_options(config, size, size, conditions)  # the base's; upscalers take none
+        self.upscaler_params = upscaler_params(SampleParams.from_options(config, size, size), config.upscaler_steps,
+                                               config.upscaler_guidance)
         self.base = None
         if cascade.base:
             self.base = load_export(cascade.base, device=device, dtype=dtype).sampler(
@@ -85,11 +79,9 @@ class Stages:
         """uint8 (B, S, S, 3) of the last stage and the meta of its images."""
         prompts, seeds = [r.prompt for r in requests], [r.seed for r in requests]
         if self.base is not None:
-            params = _params(self.config, self.cascade.input_size, self.conditions)
-            made = self.base.txt2img(prompts, seeds, params, len(requests))
+            made = self.base.txt2img(prompts, seeds, self.params, len(requests))
             images = np.stack([m.to_uint8() for m in made])  # what a PNG of the base stage stores
-        stages = run_upscalers(self.upscalers, images, prompts, seeds,
-                               _upscaler_params(self.config, self.cascade.input_size), self.config.noise_level)
+        stages = run_upscalers(self.upscalers, images, prompts, seeds, self.upscaler_params, self.noise_level)
         return np.stack([m.to_uint8() for m in stages[-1]]), stages[-1][0].meta
 
 
@@ -114,8 +106,6 @@ def _upscale(config: GenerateConfig, cascade: Cascade, conditions: dict[str, Any
              inputs: np.ndarray | None) -> tuple[list[dict[str, Any]], str]:
     """The rows of the requests made now, in this process or (`--ray`) by a Ray Data actor pool; where.
     A progress bar counts the images as they are written."""
-    from pipelines.generate import run_actor_pool
-
     extra_meta = {"stages": [cascade.base or "input", *cascade.upscalers]}
     if not todo:
         return [], "nothing to do"
@@ -179,17 +169,38 @@ def _settings(config: GenerateConfig, cascade: Cascade) -> dict[str, Any]:
 def _start_manifest(config: GenerateConfig, cascade: Cascade, requests: list[Request]) -> mf.Manifest:
     """The output's manifest, written before any image: a rerun with other settings is refused (exit 2)."""
     settings = _settings(config, cascade)
-    if storage.exists(mf.manifest_uri(config.out)):
-        previous = mf.read_manifest(config.out, stage="generate")
-        try:
-            mf.require_same(previous.extra.get("settings", {}), settings, sorted(settings), config.out)
-        except mf.ManifestError as exc:  # a usage error: exit 2 like any bad option
-            raise ConfigError(str(exc)) from exc
+    require_same_settings(config.out, settings, sorted(settings))
     manifest = mf.Manifest(stage="generate", config=config_to_dict(config), counts={"requests": len(requests)},
                            inputs=[{"uri": d, "kind": "export"} for d in [cascade.base, *cascade.upscalers] if d],
                            extra={"settings": settings, "cascade": settings})
     mf.write_manifest(config.out, manifest)
     return manifest
+
+
+def _log_inputs(tracker: Any, config: GenerateConfig, cascade: Cascade) -> None:
+    tracker.log_params(config_to_dict(config))
+    for export_dir in [cascade.base, *cascade.upscalers]:  # lineage: the training runs of every stage
+        if export_dir:
+            tracker.log_manifest(export_dir, mf.manifest_digest(export_dir), "input")
+
+
+def _write_outputs(config: GenerateConfig, manifest: mf.Manifest, rows: list[dict[str, Any]], generated: int,
+                   skipped: int) -> str:
+    """index.jsonl, grid.png and the manifest with the run's counts; the manifest's digest."""
+    write_index(storage.join(config.out, INDEX_NAME), rows)
+    save_grid(storage.join(config.out, GRID_NAME),
+              [read_image(storage.join(config.out, r["file"])) for r in rows[:config.grid_max]])
+    manifest.counts.update(images=len(rows), generated=generated, skipped=skipped)
+    manifest.extra.update(index=INDEX_NAME, grid=GRID_NAME)
+    return mf.write_manifest(config.out, manifest)
+
+
+def _summary(config: GenerateConfig, cascade: Cascade, images: int, result: GenerateResult) -> str:
+    return reporting.summary_table("generate (super-resolution)", [
+        ("base", cascade.base or f"--init-images {config.init_images}"), ("upscalers", " -> ".join(cascade.upscalers)),
+        ("sizes", f"{cascade.input_size} px -> {cascade.output_size} px"), ("noise level", config.noise_level),
+        ("images", images), ("generated", result.generated), ("skipped (finished)", result.skipped),
+        ("ran", result.extra["where"]), ("output", config.out)])
 
 
 def run(config: GenerateConfig) -> GenerateResult:
@@ -202,38 +213,21 @@ def run(config: GenerateConfig) -> GenerateResult:
     conditions = base_conditions(config, cascade)
     inputs = load_images(files, cascade.input_size) if files else None
     requests = _requests(config, None if inputs is None else len(inputs))
-    storage.makedirs(config.out)
-    storage.remove_stale_temps(config.out)
+    open_output(config.out)
     manifest = _start_manifest(config, cascade, requests)
     done = finished(config.out, requests, {"upscaler": cascade.upscalers[-1], "noise_level": config.noise_level})
     todo = [r for r in requests if r.index not in done]
-    with StageRun("generate", run_name=config.run_name or default_run_name("upscale", config.out), enabled=config.mlflow) as tracker:
-        tracker.log_params(config_to_dict(config))
-        for export_dir in [cascade.base, *cascade.upscalers]:  # lineage: the training runs of every stage
-            if export_dir:
-                tracker.log_manifest(export_dir, mf.manifest_digest(export_dir), "input")
+    run_name = config.run_name or default_run_name("upscale", config.out)
+    with StageRun("generate", run_name=run_name, enabled=config.mlflow) as tracker:
+        _log_inputs(tracker, config, cascade)
         made, where = _upscale(config, cascade, conditions, todo, inputs)
         rows = sorted([*done.values(), *made], key=lambda r: r["index"])
-        write_index(storage.join(config.out, INDEX_NAME), rows)
-        save_grid(storage.join(config.out, GRID_NAME), [_read(config.out, r["file"]) for r in rows[:config.grid_max]])
-        manifest.counts.update(images=len(rows), generated=len(made), skipped=len(done))
-        manifest.extra.update(index=INDEX_NAME, grid=GRID_NAME)
-        digest = mf.write_manifest(config.out, manifest)
+        digest = _write_outputs(config, manifest, rows, len(made), len(done))
         seconds = time.monotonic() - started
         tracker.log_metrics({"images": len(rows), "generated": len(made), "seconds": seconds})
         tracker.log_manifest(config.out, digest, "output")
-    summary = reporting.summary_table("generate (super-resolution)", [
-        ("base", cascade.base or f"--init-images {config.init_images}"), ("upscalers", " -> ".join(cascade.upscalers)),
-        ("sizes", f"{cascade.input_size} px -> {cascade.output_size} px"), ("noise level", config.noise_level),
-        ("images", len(rows)), ("generated", len(made)), ("skipped (finished)", len(done)), ("ran", where),
-        ("output", config.out)])
-    return GenerateResult(out=config.out, total=len(requests), generated=len(made), skipped=len(done),
-                          seconds=seconds, manifest_sha256=digest, mlflow_run_id=getattr(tracker, "run_id", None),
-                          summary=summary, extra={"where": where})
-
-
-def _read(out: str, name: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(storage.join(out, name)) as image:
-        return np.asarray(image.convert("RGB"))
+    result = GenerateResult(out=config.out, total=len(requests), generated=len(made), skipped=len(done),
+                            seconds=seconds, manifest_sha256=digest, mlflow_run_id=getattr(tracker, "run_id", None),
+                            extra={"where": where})
+    result.summary = _summary(config, cascade, len(rows), result)
+    return result

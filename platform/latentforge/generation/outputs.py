@@ -102,6 +102,15 @@ def read_png_meta(path: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def read_image(uri: str) -> np.ndarray:
+    """uint8 (H, W, 3) pixels of the image at `uri` (any fsspec URI)."""
+    from PIL import Image
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as handle, Image.open(handle) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2,
                   background: int = 255) -> np.ndarray:
     """Tile (H, W, 3) uint8 images row-major into one image with `pad` px gutters."""

@@ -60,6 +60,14 @@ class SampleParams:
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
 
+    @classmethod
+    def from_options(cls, options: Any, height: int | None = None, width: int | None = None,
+                     conditions: dict[str, Any] | None = None) -> SampleParams:
+        """The params a stage's options ask for (`sampler`, `steps`, `guidance`, `negative_prompt`: the fields
+        GenerateConfig and EvaluateConfig share), at `height` x `width` with `conditions`."""
+        return cls(sampler=options.sampler, steps=options.steps, guidance=options.guidance,
+                   negative_prompt=options.negative_prompt, height=height, width=width, conditions=conditions or {})
+
 
 @dataclass
 class GeneratedImage:
