@@ -117,7 +117,7 @@ class Target:
 def _target(config: EvaluateConfig, eval_set: Any) -> Target:
     """Every refusal the manifests allow (cascade sizes, noise level, held-out pixels): before any run starts."""
     from latentforge.evaluation.sr_fidelity import check_held_out
-    from latentforge.generation.export import export_identity, resolve_export_dir
+    from latentforge.trained_model import export_identity, resolve_export_dir
     from latentforge.upscaler.cascade import upscaler_manifest_record
     from latentforge.upscaler.conditioning import check_noise_level
 
@@ -138,7 +138,7 @@ def _target(config: EvaluateConfig, eval_set: Any) -> Target:
 
 def _score_base(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_sampler
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
 
     inception, clip = _metric_models(config, device)
     model = load_export(target.export_dir, device=device, dtype=dtype)
@@ -152,7 +152,7 @@ def _score_base(config: EvaluateConfig, eval_set: Any, target: Target, device: A
 
 def _plan_cascade(config: EvaluateConfig) -> Any:
     """The checked chain (sizes, channels, noise level) from the manifests alone."""
-    from latentforge.generation.export import resolve_export_dir
+    from latentforge.trained_model import resolve_export_dir
     from latentforge.upscaler.cascade import base_output_size, plan_cascade, upscaler_manifest_record
     from latentforge.upscaler.conditioning import check_noise_level
 
@@ -165,7 +165,7 @@ def _plan_cascade(config: EvaluateConfig) -> Any:
 
 def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_cascade
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.upscaler.sampling import Upscaler
 
     cascade = target.cascade
@@ -190,7 +190,7 @@ def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device
 
 def _score_sr(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.sr_fidelity import comparison_picture, fidelity_table, held_out_images, sr_fidelity
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.upscaler.sampling import Upscaler
 
     record = target.upscaler

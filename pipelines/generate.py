@@ -50,7 +50,7 @@ class GenerateResult:
 
 def _sampler(config: GenerateConfig, model: Any = None) -> tuple[Any, Any]:
     from latentforge.generation.devices import resolve_device, resolve_dtype
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
 
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     export = model if model is not None else load_export(config.model, device=device, dtype=dtype)
@@ -134,7 +134,7 @@ def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height
 
 def run(config: GenerateConfig) -> GenerateResult:
     """Generate every prompt not already finished in `config.out`; returns counts and where things are."""
-    from latentforge.generation.export import read_data_manifest, resolve_export_dir
+    from latentforge.trained_model import read_data_manifest, resolve_export_dir
     from latentforge.tracking import StageRun, default_run_name
 
     if config.upscaler:  # super-resolution: a cascade or given images (pipelines/upscale.py)

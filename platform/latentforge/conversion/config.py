@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentforge.export.target import EXPORT_FORMATS
+from latentforge.trained_model import EXPORT_FORMATS
 
 SINGLE_FILE_DTYPES = ("fp32", "fp16")
 

@@ -6,7 +6,7 @@
     images = sampler.txt2img(["a red circle"], seeds=[0], params=SampleParams(sampler="ddim", steps=50))
 """
 
-from latentforge.generation.export import ExportedModel, ExportError, load_export, resolve_export_dir
+from latentforge.trained_model import ExportedModel, ExportError, load_export, resolve_export_dir
 from latentforge.generation.sampler import GeneratedImage, SampleParams, Sampler, TextCondition
 
 __all__ = ["ExportError", "ExportedModel", "GeneratedImage", "SampleParams", "Sampler", "TextCondition",
