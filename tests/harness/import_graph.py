@@ -99,9 +99,10 @@ class Graph:
         text = path.read_text()
         tree = ast.parse(text, filename=str(path))
         rel = path.relative_to(self.root).as_posix()
+        lines = text.splitlines()
         aliases: dict[str, str] = {}
         for node in ast.walk(tree):
-            for edge, alias in self._edges(source, rel, node, text):
+            for edge, alias in self._edges(source, rel, node, lines):
                 self.imports.append(edge)
                 if alias:
                     aliases[alias] = edge.target
@@ -109,10 +110,12 @@ class Graph:
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
                 self.attributes.append(Attribute(source, aliases[node.value.id], node.attr, rel, node.lineno))
 
-    def _edges(self, source: str, rel: str, node: ast.AST, text: str) -> Iterator[tuple[Import, str | None]]:
+    def _edges(self, source: str, rel: str, node: ast.AST, lines: list[str]) -> Iterator[tuple[Import, str | None]]:
         """(edge, the local name bound to the target module, if any) for each project module ``node`` imports."""
-        snippet = (ast.get_source_segment(text, node) or "").replace("\n", " ") if isinstance(
-            node, (ast.Import, ast.ImportFrom)) else ""
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            return
+        # The statement as written, on one line (ast.get_source_segment re-splits the file per call: slow).
+        snippet = " ".join(line.split("#", 1)[0].strip() for line in lines[node.lineno - 1:node.end_lineno])
         if isinstance(node, ast.Import):
             for alias in node.names:
                 target = self._known(self._resolve(source, alias.name, 0) or alias.name)
@@ -123,14 +126,15 @@ class Graph:
             module = self._resolve(source, node.module, node.level)
             if module is None:
                 return
+            names = []
             for alias in node.names:
-                submodule = self._known(f"{module}.{alias.name}")
-                if submodule == f"{module}.{alias.name}":
-                    yield Import(source, submodule, rel, node.lineno, snippet, ()), alias.asname or alias.name
-                    continue
-                target = self._known(module)
-                if target is not None and target != source:
-                    yield Import(source, target, rel, node.lineno, snippet, (alias.name,)), None
+                if self._known(f"{module}.{alias.name}") == f"{module}.{alias.name}":
+                    yield Import(source, f"{module}.{alias.name}", rel, node.lineno, snippet, ()), alias.asname or alias.name
+                else:
+                    names.append(alias.name)
+            target = self._known(module)
+            if names and target is not None and target != source:
+                yield Import(source, target, rel, node.lineno, snippet, tuple(names)), None
 
 
 def layer_of(module: str, layers: list[tuple[str, ...]]) -> int | None:
@@ -204,12 +208,13 @@ def _same_package(source: str, target: str) -> bool:
     return source.rsplit(".", 1)[0] == target.rsplit(".", 1)[0]
 
 
-def private_imports(graph: Graph) -> list[str]:
-    """``from x import _name``, ``x._name`` and ``import pkg._mod`` from outside ``pkg``, across modules."""
-    problems = [f"{e.where()}  (private name {n!r} of {e.target})"
+def private_imports(graph: Graph) -> list[tuple[str, str, str]]:
+    """(importing module, private name, ``file:line: import  (why)``) for each ``from x import _name``,
+    ``x._name`` and ``import pkg._mod`` from outside ``pkg``, across modules."""
+    problems = [(e.source, n, f"{e.where()}  (private name {n!r} of {e.target})")
                 for e in graph.imports for n in e.names if _private(n)]
-    problems += [f"{a.where()}  (private name {a.name!r} of {a.target}, used in {a.source})"
+    problems += [(a.source, a.name, f"{a.where()}  (private name {a.name!r} of {a.target}, used in {a.source})")
                  for a in graph.attributes if _private(a.name) and a.target != a.source]
-    problems += [f"{e.where()}  (private module {e.target} used outside its package)"
+    problems += [(e.source, e.target.rsplit(".", 1)[-1], f"{e.where()}  (private module {e.target} used outside its package)")
                  for e in graph.imports if _private(e.target.rsplit(".", 1)[-1]) and not _same_package(e.source, e.target)]
     return problems
