@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(config)
 
-    from latentforge.trained_model import ExportError
     from latentforge.manifest import ManifestError
+    from latentforge.trained_model import ExportError
 
     return _bootstrap.run_job("export", work, usage_errors=(ValueError, ExportError, ManifestError),
                               interrupted="interrupted; nothing was published")

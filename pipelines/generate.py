@@ -134,8 +134,8 @@ def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height
 
 def run(config: GenerateConfig) -> GenerateResult:
     """Generate every prompt not already finished in `config.out`; returns counts and where things are."""
-    from latentforge.trained_model import read_data_manifest, resolve_export_dir
     from latentforge.tracking import StageRun, default_run_name
+    from latentforge.trained_model import read_data_manifest, resolve_export_dir
 
     if config.upscaler:  # super-resolution: a cascade or given images (pipelines/upscale.py)
         from pipelines.upscale import run as run_upscale
