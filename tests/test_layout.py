@@ -164,8 +164,10 @@ def test_the_private_check_catches_names_attributes_and_modules_from_elsewhere(t
     graph = _tree(tmp_path, {"lib/core/_impl.py": "def _helper():\n    pass\n\n\ndef public():\n    _helper()\n",
                              "lib/core/api.py": "from lib.core import _impl\nfrom lib.core._impl import public\n",
                              "app/a.py": "from lib.core._impl import _helper, public\n",
-                             "app/b.py": "import lib.core.api as api\n\n\ndef f():\n    return api._x, api.__name__\n"})
+                             "app/b.py": "import lib.core.api as api\n\n\ndef f():\n    return api._x, api.__name__\n",
+                             "app/c.py": "import lib.core.api\n\nlib.core.api._y = lib.core.api.public\n"})
     assert sorted(where for _, _, where in private_imports(graph)) == [
         "app/a.py:1: from lib.core._impl import _helper, public  (private module lib.core._impl used outside its package)",
         "app/a.py:1: from lib.core._impl import _helper, public  (private name '_helper' of lib.core._impl)",
-        "app/b.py:5: lib.core.api._x  (private name '_x' of lib.core.api, used in app.b)"]
+        "app/b.py:5: lib.core.api._x  (private name '_x' of lib.core.api, used in app.b)",
+        "app/c.py:3: lib.core.api._y  (private name '_y' of lib.core.api, used in app.c)"]

@@ -106,9 +106,14 @@ class Graph:
                 self.imports.append(edge)
                 if alias:
                     aliases[alias] = edge.target
+        imported = {e.target for e in self.imports if e.source == source}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-                self.attributes.append(Attribute(source, aliases[node.value.id], node.attr, rel, node.lineno))
+            if isinstance(node, ast.Attribute):
+                base = _dotted(node.value)  # `alias.name`, or `pkg.module.name` after `import pkg.module`
+                target = aliases.get(base) if base is not None else None
+                target = target or (base if base in imported else None)
+                if target is not None:
+                    self.attributes.append(Attribute(source, target, node.attr, rel, node.lineno))
 
     def _edges(self, source: str, rel: str, node: ast.AST, lines: list[str]) -> Iterator[tuple[Import, str | None]]:
         """(edge, the local name bound to the target module, if any) for each project module ``node`` imports."""
@@ -135,6 +140,16 @@ class Graph:
             target = self._known(module)
             if names and target is not None and target != source:
                 yield Import(source, target, rel, node.lineno, snippet, tuple(names)), None
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for a chain of names and attributes; None for anything else (a call, a subscript)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base is not None else None
+    return None
 
 
 def layer_of(module: str, layers: list[tuple[str, ...]]) -> int | None:
