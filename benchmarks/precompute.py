@@ -152,7 +152,7 @@ def run_plain(config, shard_names: list[str], loader_workers: int, threads: int 
 # ---------------------------------------------------------------------------------------------
 
 def run_ray(config, actors) -> dict:
-    from pipelines.precompute import _encode
+    from pipelines.precompute import encode_shards
     from latentforge.precompute.stage import plan_run
 
     plan = plan_run(config)
@@ -166,7 +166,7 @@ def run_ray(config, actors) -> dict:
         rows[0] += n
 
     started = time.perf_counter()
-    counts = _encode(config, plan, records, lambda: None, actors, on_rows=on_rows)
+    counts = encode_shards(config, plan, records, lambda: None, actors, on_rows=on_rows)
     end = time.perf_counter()
     assert len(records) == len(plan.pending), "not every shard finished"
     return {"rows": counts["rows"], "wall_s": end - started, "steady_s": end - (marks[0] if marks else end)}

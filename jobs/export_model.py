@@ -16,7 +16,7 @@ import sys
 import _bootstrap  # noqa: F401  (puts the repo root on sys.path)
 
 from latentforge.config import parse_config
-from latentforge.export.config import ExportConfig
+from latentforge.conversion.config import ExportConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(config)
 
-    from latentforge.generation.export import ExportError
     from latentforge.manifest import ManifestError
+    from latentforge.trained_model import ExportError
 
     return _bootstrap.run_job("export", work, usage_errors=(ValueError, ExportError, ManifestError),
                               interrupted="interrupted; nothing was published")

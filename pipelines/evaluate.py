@@ -111,7 +111,7 @@ class Target:
 def _target(config: EvaluateConfig, eval_set: Any) -> Target:
     """Every refusal the manifests allow (cascade sizes, noise level, held-out pixels): before any run starts."""
     from latentforge.evaluation.sr_fidelity import check_held_out
-    from latentforge.generation.export import export_identity, resolve_export_dir
+    from latentforge.trained_model import export_identity, resolve_export_dir
     from latentforge.upscaler.cascade import upscaler_manifest_record
     from latentforge.upscaler.conditioning import check_noise_level
 
@@ -132,7 +132,7 @@ def _target(config: EvaluateConfig, eval_set: Any) -> Target:
 
 def _score_base(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_sampler
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.generation.sampler import SampleParams
 
     inception, clip = _metric_models(config, device)
@@ -147,7 +147,7 @@ def _score_base(config: EvaluateConfig, eval_set: Any, target: Target, device: A
 
 def _plan_cascade(config: EvaluateConfig) -> Any:
     """The checked chain (sizes, channels, noise level) from the manifests alone."""
-    from latentforge.generation.export import resolve_export_dir
+    from latentforge.trained_model import resolve_export_dir
     from latentforge.upscaler.cascade import base_output_size, plan_cascade, upscaler_manifest_record
     from latentforge.upscaler.conditioning import check_noise_level
 
@@ -160,7 +160,7 @@ def _plan_cascade(config: EvaluateConfig) -> Any:
 
 def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.scoring import score_cascade
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.sampling import Upscaler
 
@@ -187,7 +187,7 @@ def _score_cascade(config: EvaluateConfig, eval_set: Any, target: Target, device
 
 def _score_sr(config: EvaluateConfig, eval_set: Any, target: Target, device: Any, dtype: Any) -> Scored:
     from latentforge.evaluation.sr_fidelity import comparison_picture, fidelity_table, held_out_images, sr_fidelity
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.upscaler.sampling import Upscaler
 
     record = target.upscaler

@@ -1,7 +1,7 @@
 """The export stage: a train export -> a diffusers folder, a single-file checkpoint or an MLflow model.
 
 No Ray graph: one model is converted in one process. Every target is checked before anything is
-written, writes into a temp location and publishes with one rename (see latentforge.export).
+written, writes into a temp location and publishes with one rename (see latentforge.conversion).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from latentforge import storage
-from latentforge.export.config import ExportConfig
-from latentforge.export.target import ExportRefused, Source, load_source
+from latentforge.conversion.config import ExportConfig
+from latentforge.conversion.target import ExportRefused, Source, load_source
 from latentforge.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -46,18 +46,18 @@ def export_to(source: Source, config: ExportConfig) -> str:
     out = config.out or default_out(source, config.format)
     if source.upscaler:
         check_upscaler_format(config.format)
-        from latentforge.export.upscale_folder import write_upscale_folder
+        from latentforge.conversion.upscale_folder import write_upscale_folder
 
         return str(write_upscale_folder(source, _local(out), config.sampler))
     if config.format == "diffusers":
-        from latentforge.export.diffusers_folder import write_diffusers_folder
+        from latentforge.conversion.diffusers_folder import write_diffusers_folder
 
         return str(write_diffusers_folder(source, _local(out), config.sampler))
     if config.format == "single-file":
-        from latentforge.export.single_file import write_single_file
+        from latentforge.conversion.single_file import write_single_file
 
         return write_single_file(source, _local(out), config.title, config.dtype)
-    from latentforge.export.mlflow_model import log_export
+    from latentforge.conversion.mlflow_model import log_export
 
     logged = log_export(source, out, config.register_as, config.sampler)
     return logged.get("registry_uri") or logged["model_uri"]
@@ -73,10 +73,10 @@ def preflight(data_manifest: Manifest, formats: list[str], tracked: bool,
               upscaler: dict[str, Any] | None = None) -> None:
     """Training's --export-formats: refuse before training what could not be exported after it
     (``upscaler``: the run's future ``extra.upscaler`` when it trains one)."""
-    from latentforge.export.diffusers_folder import check_diffusers
-    from latentforge.export.mlflow_model import check_mlflow
-    from latentforge.export.single_file import check_single_file
-    from latentforge.export.upscale_folder import check_upscale
+    from latentforge.conversion.diffusers_folder import check_diffusers
+    from latentforge.conversion.mlflow_model import check_mlflow
+    from latentforge.conversion.single_file import check_single_file
+    from latentforge.conversion.upscale_folder import check_upscale
 
     if upscaler is not None:
         for fmt in formats:

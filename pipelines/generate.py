@@ -51,7 +51,7 @@ class Target:
 
 def _sampler(config: GenerateConfig, model: Any = None) -> tuple[Any, Any]:
     from latentforge.generation.devices import resolve_device, resolve_dtype
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
 
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     export = model if model is not None else load_export(config.model, device=device, dtype=dtype)
@@ -104,8 +104,7 @@ def _run_local(config: GenerateConfig, sampler: Any, todo: list[Request], height
 
 def _target(config: GenerateConfig) -> Target:
     """The export and the size, checked before any model loads (a bad `--condition`: exit 2)."""
-    from latentforge.generation.export import read_data_manifest
-    from latentforge.generation.export import resolve_export_dir
+    from latentforge.trained_model import read_data_manifest, resolve_export_dir
 
     export_dir = resolve_export_dir(config.model)
     data_manifest = read_data_manifest(export_dir)

@@ -353,8 +353,8 @@ def build_dataset(config: PrecomputeConfig, shards: list[Any], actors: EncoderAc
     )
 
 
-def _encode(config: PrecomputeConfig, plan: Any, records: dict, publish: Any, actors: EncoderActors,
-            on_rows: Any = None, failed: dict[str, str] | None = None) -> Counter:
+def encode_shards(config: PrecomputeConfig, plan: Any, records: dict, publish: Any, actors: EncoderActors,
+                  on_rows: Any = None, failed: dict[str, str] | None = None) -> Counter:
     """Stream the graph's rows into per-shard writers; `on_rows(n)` is called per batch (benchmarks).
 
     Shards whose input could not be read completely land in `failed` (name -> reason), unpublished
@@ -371,7 +371,7 @@ def _encode_targets(config: PrecomputeConfig, targets: list[Target], actors: Enc
     pending shards, seen through its resolution's columns."""
     if len(targets) == 1:  # a plain run: rows already carry image / meta / latent
         target = targets[0]
-        return _encode(config, target.plan, target.records, target.publish, actors, failed=failed)
+        return encode_shards(config, target.plan, target.records, target.publish, actors, failed=failed)
     needed = {s.name for t in targets for s in t.plan.pending}
     shards = [s for s in targets[0].plan.input_manifest.shards if s.name in needed]
     sinks = [(t.view, ShardSink(t.config, {s.name: s for s in t.plan.pending}, t.records, t.publish, failed))

@@ -278,7 +278,7 @@ class AutoencoderWorkerRun:
         self.accelerator.wait_for_everyone()
 
     def _export(self, metrics: dict[str, float]) -> None:
-        from latentforge.autoencoder.export import measure_scaling_factor, write_autoencoder_export
+        from latentforge.autoencoder.export_writer import measure_scaling_factor, write_autoencoder_export
 
         config, trainer, lc = self.config, self.trainer, self.loop_config
         # The order of a fresh stream: the same images on every (re)run, never held-out ones.

@@ -349,7 +349,7 @@ class WorkerRun:
         self.accelerator.wait_for_everyone()
 
     def _export(self, summary: dict[str, Any]) -> None:
-        from latentforge.training.export import write_export
+        from latentforge.training.export_writer import write_export
 
         trainer, lc = self.trainer, self.loop_config
         summary["metrics_dropped"] = self._flush_tracking()

@@ -43,7 +43,7 @@ def base_conditions(config: GenerateConfig, cascade: Cascade) -> dict[str, Any]:
     """`--condition` steers the base model (an upscaler's class label is its noise level); checked against
     what the base's data recorded, before any model loads (ConfigError: exit 2)."""
     from latentforge.conditioning.spec import ConditionSet
-    from latentforge.generation.export import read_data_manifest
+    from latentforge.trained_model import read_data_manifest
 
     if not config.condition:
         return {}
@@ -58,7 +58,7 @@ class Stages:
 
     def __init__(self, config: GenerateConfig, cascade: Cascade, conditions: dict[str, Any]) -> None:
         from latentforge.generation.devices import resolve_device, resolve_dtype
-        from latentforge.generation.export import load_export
+        from latentforge.trained_model import load_export
         from latentforge.generation.sampler import SampleParams
         from latentforge.upscaler.sampling import Upscaler
 
@@ -150,7 +150,7 @@ def _write(config: GenerateConfig, requests: list[Request], stages: Stages, inpu
 
 def plan(config: GenerateConfig) -> tuple[Cascade, list[str] | None]:
     """The checked chain and the input image files (None with a base model); exit-2 errors only."""
-    from latentforge.generation.export import resolve_export_dir
+    from latentforge.trained_model import resolve_export_dir
 
     upscalers = [resolve_export_dir(u) for u in config.upscalers]
     if config.model:

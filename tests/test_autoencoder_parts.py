@@ -15,7 +15,7 @@ import torch
 
 from latentforge.autoencoder import data as aedata
 from latentforge.autoencoder.config import AutoencoderTrainConfig
-from latentforge.autoencoder.export import measure_scaling_factor, write_autoencoder_export
+from latentforge.autoencoder.export_writer import measure_scaling_factor, write_autoencoder_export
 from latentforge.autoencoder.losses import (AutoencoderLoss, LossConfigError, reconstruction_grid,
                                             reconstruction_metrics)
 from latentforge.autoencoder.loop import AutoencoderTrainer

@@ -18,7 +18,7 @@ def _finished_autoencoder(config: DemoConfig, paths: Paths) -> list[str]:
     """A real AutoencoderKL export where the demo's autoencoder stage writes it, with its settings record."""
     from diffusers import AutoencoderKL
 
-    from latentforge.autoencoder.export import write_autoencoder_export
+    from latentforge.autoencoder.export_writer import write_autoencoder_export
 
     vae = AutoencoderKL.from_pretrained(save_tiny_autoencoder_kl(paths.root / "tiny-vae", shift_factor=None))
     write_autoencoder_export(str(paths.autoencoder_export), vae, 0.7, config={}, data_dir=str(paths.shards),

@@ -61,7 +61,7 @@ def _unit(images: np.ndarray) -> torch.Tensor:
 def test_sr_and_bicubic_scores_equal_direct_torchmetrics_calls(stages) -> None:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.upscaler.sampling import Upscaler
 
     upscaler = Upscaler(load_export(stages["sr"]))

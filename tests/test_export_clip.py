@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentforge.export.clip_convert import ConversionError, save_text_encoder
+from latentforge.conversion.clip_convert import ConversionError, save_text_encoder
 from latentforge.models.text_encoder import TINY_CLIP_NAME, save_tiny_clip_checkpoint
 from latentforge.models.text_encoder import load_text_encoder
 
@@ -78,7 +78,7 @@ def test_token_ids_equal_open_clip_on_laion_captions(clip_path, tmp_path, laion_
 def test_quick_gelu_tower_maps_to_quick_gelu(tmp_path) -> None:
     import open_clip
 
-    from latentforge.export.clip_convert import clip_text_config
+    from latentforge.conversion.clip_convert import clip_text_config
     from latentforge.models.text_encoder import TextEncoder, register_package_configs
 
     register_package_configs()

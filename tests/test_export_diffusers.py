@@ -32,7 +32,7 @@ def kl_folder(kl_source, tmp_path_factory):
 def test_folder_loads_offline_and_holds_the_export(kl_source, kl_folder) -> None:
     from diffusers import UNet2DConditionModel
 
-    from latentforge.export.target import load_source
+    from latentforge.conversion.target import load_source
     from latentforge.manifest import read_manifest
 
     pipe = load_pipeline(kl_folder)
@@ -99,7 +99,7 @@ def test_refusals_exit_2_and_write_nothing(kl_source, kl_folder, tmp_path) -> No
 
 
 def test_rerun_into_the_same_out_replaces_it(kl_source, kl_folder, tmp_path) -> None:
-    from latentforge.export.config import ExportConfig
+    from latentforge.conversion.config import ExportConfig
     from pipelines.export import run
 
     result = run(ExportConfig(model=str(kl_source.dir), out=str(kl_folder)))

@@ -8,8 +8,8 @@ import io
 import numpy as np
 import pytest
 
-from latentforge.export.config import ExportConfig
-from latentforge.export.target import ExportRefused
+from latentforge.conversion.config import ExportConfig
+from latentforge.conversion.target import ExportRefused
 from pipelines.export import run
 from tests.harness.tiny_export import build_tiny_export
 
@@ -43,7 +43,7 @@ def test_registered_model_gives_the_generate_images(tracked, tmp_path) -> None:
     assert version.tags["latentforge.data_sha256"] == data_sha256
 
     # One loader: jobs/generate.py / evaluate.py take models:/NAME/VERSION (training tags its run with the export).
-    from latentforge.generation.export import EXPORT_URI_TAG, resolve_export_dir
+    from latentforge.trained_model import EXPORT_URI_TAG, resolve_export_dir
 
     client.set_tag(run_id, EXPORT_URI_TAG, str(source.dir))
     assert resolve_export_dir("models:/lf-tiny/1") == str(source.dir)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from latentforge.export.config import ExportConfig
-from latentforge.generation.export import ExportError, load_export, resolve_export_dir
+from latentforge.conversion.config import ExportConfig
+from latentforge.trained_model import ExportError, load_export, resolve_export_dir
 from pipelines.export import run
 from tests.harness.job_process import run_job
 from tests.harness.tiny_export import build_tiny_export

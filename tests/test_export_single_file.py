@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from latentforge.export.config import ExportConfig
-from latentforge.export.target import ExportRefused
+from latentforge.conversion.config import ExportConfig
+from latentforge.conversion.target import ExportRefused
 from pipelines.export import run
 from tests.harness.tiny_export import build_tiny_export
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from latentforge.config import load_yaml
-from latentforge.generation.export import load_export
+from latentforge.trained_model import load_export
 from latentforge.models.text_encoder import save_tiny_clip_checkpoint
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.encode import PrecomputeEncoder

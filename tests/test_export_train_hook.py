@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from latentforge.config import ConfigError, parse_config
-from latentforge.export.target import ExportRefused
-from latentforge.generation.export import read_data_manifest
+from latentforge.conversion.target import ExportRefused
+from latentforge.trained_model import read_data_manifest
 from latentforge.training.config import TrainConfig
 from pipelines.export import export_formats, preflight
 from tests.harness.tiny_export import build_tiny_export

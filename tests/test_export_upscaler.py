@@ -29,9 +29,9 @@ def build_upscaler_export(root: Path, vae: str = "autoencoder_kl", lowres_factor
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from latentforge import storage
-    from latentforge.generation.export import read_data_manifest
+    from latentforge.trained_model import read_data_manifest
     from latentforge.training.config import TrainConfig
-    from latentforge.training.export import write_export
+    from latentforge.training.export_writer import write_export
     from latentforge.upscaler.conditioning import resolve_upscaler_unet
     from latentforge.upscaler.training import upscaler_setup
 
@@ -83,7 +83,7 @@ def lowres_images() -> np.ndarray:
 
 def ours(export: Path, images: np.ndarray, levels: tuple[int, ...]) -> list[np.ndarray]:
     """Our `Upscaler` (what jobs/generate.py --upscaler runs), DDIM, at each noise level."""
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.sampling import Upscaler
 
@@ -137,7 +137,7 @@ def test_pipeline_upsamples_like_our_upscaler(sr_export, sr_folder) -> None:
 def test_folded_vae_decodes_and_round_trips_like_the_original(sr_export, sr_folder) -> None:
     from diffusers import AutoencoderKL
 
-    from latentforge.generation.export import read_data_manifest
+    from latentforge.trained_model import read_data_manifest
     from latentforge.models.vae import load_vae_from_manifest
 
     original = load_vae_from_manifest(read_data_manifest(str(sr_export))).model
@@ -155,8 +155,8 @@ def test_folded_vae_decodes_and_round_trips_like_the_original(sr_export, sr_fold
 
 
 def refused(export: Path, out: Path, match: str) -> None:
-    from latentforge.export.config import ExportConfig
-    from latentforge.export.target import ExportRefused
+    from latentforge.conversion.config import ExportConfig
+    from latentforge.conversion.target import ExportRefused
     from pipelines.export import run
 
     with pytest.raises(ExportRefused, match=match):
@@ -166,8 +166,8 @@ def refused(export: Path, out: Path, match: str) -> None:
 
 def test_shapes_the_pipeline_cannot_run_are_refused(sr_export, tmp_path) -> None:
     """In process: the job maps ExportRefused to one line and exit 2 (tests/test_export_diffusers.py runs it)."""
-    from latentforge.export.config import ExportConfig
-    from latentforge.export.target import ExportRefused
+    from latentforge.conversion.config import ExportConfig
+    from latentforge.conversion.target import ExportRefused
     from pipelines.export import run
 
     patchify = build_upscaler_export(tmp_path / "patchify", vae="patchify")
@@ -183,8 +183,8 @@ def test_shapes_the_pipeline_cannot_run_are_refused(sr_export, tmp_path) -> None
 
 def test_training_exports_an_upscaler_as_its_diffusers_folder(sr_export) -> None:
     from latentforge.config import ConfigError
-    from latentforge.export.target import ExportRefused
-    from latentforge.generation.export import read_data_manifest
+    from latentforge.conversion.target import ExportRefused
+    from latentforge.trained_model import read_data_manifest
     from latentforge.manifest import read_manifest
     from latentforge.training.config import TrainConfig
     from pipelines.export import export_formats, preflight
@@ -202,7 +202,7 @@ def test_training_exports_an_upscaler_as_its_diffusers_folder(sr_export) -> None
 
 
 def test_train_refuses_an_upscaler_it_could_not_export_before_any_worker_starts(tmp_path) -> None:
-    from latentforge.export.target import ExportRefused
+    from latentforge.conversion.target import ExportRefused
     from latentforge.models.text_encoder import save_tiny_clip_checkpoint
     from latentforge.training.config import TrainConfig
     from pipelines.train import run

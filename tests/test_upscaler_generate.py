@@ -57,7 +57,7 @@ def labelled_base(models, tmp_path_factory) -> str:
     from latentforge.models.unet import resolve_unet_config
     from latentforge.precompute.config import PrecomputeConfig
     from latentforge.training.data import read_empty_caption
-    from latentforge.training.export import write_export
+    from latentforge.training.export_writer import write_export
     from latentforge.training.loop import DiffusionTrainer
     from tests.harness.condition_scenes import precompute_in_process, write_scene_shards
 
@@ -252,7 +252,7 @@ def test_sampling_starts_at_the_last_timestep_and_decodes_over_the_bicubic_base(
     spacing ran it at t = 0), and a zero residual decodes to the bicubic upsample of the input."""
     import torch
 
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.generation.sampler import SampleParams
     from latentforge.pixels import to_pixels
     from latentforge.upscaler.degradation import bicubic_upsample

@@ -30,7 +30,7 @@ def psnr(images: np.ndarray, real: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_a_trained_tiny_upscaler_beats_bicubic_on_held_out_scenes(tmp_path) -> None:
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.degradation import Degradation, bicubic_upsample
     from latentforge.upscaler.sampling import Upscaler

@@ -104,7 +104,7 @@ def export(trainer: Any, info: SceneLatents, out_dir: str | Path) -> str:
     """The trainer's model written as the train stage exports it (an upscaler with its `extra.upscaler`)."""
     from latentforge.config import config_to_dict
     from latentforge.manifest import manifest_digest
-    from latentforge.training.export import write_export
+    from latentforge.training.export_writer import write_export
     from latentforge.upscaler.training import upscaler_setup
 
     record = (upscaler_setup(trainer.config, info.manifest).record(info.manifest)

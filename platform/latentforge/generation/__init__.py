@@ -6,8 +6,8 @@
     images = sampler.txt2img(["a red circle"], seeds=[0], params=SampleParams(sampler="ddim", steps=50))
 """
 
-from latentforge.generation.export import ExportedModel, ExportError, load_export, resolve_export_dir
 from latentforge.generation.sampler import GeneratedImage, SampleParams, Sampler, TextCondition
+from latentforge.trained_model import ExportedModel, ExportError, load_export, resolve_export_dir
 
 __all__ = ["ExportError", "ExportedModel", "GeneratedImage", "SampleParams", "Sampler", "TextCondition",
            "load_export", "resolve_export_dir"]

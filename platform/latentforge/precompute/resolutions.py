@@ -115,13 +115,13 @@ def _entry(target: Target, targets: list[Target]) -> dict[str, Any]:
 
 def upscaler_stage(target: Target, targets: list[Target], channels: int) -> dict[str, Any]:
     """What an upscaler trained on this size (`jobs/train.py --stage upscaler`) takes, by its defaults."""
-    from latentforge.training.config import TrainConfig  # the upscaler's own defaults, not copies
+    from latentforge.upscaler import DEFAULT_MAX_NOISE_LEVEL
     from latentforge.upscaler.conditioning import IMAGE_CHANNELS
 
     resolution = target.config.resolution
     lower = [t for t in targets if t.config.resolution < resolution and resolution % t.config.resolution == 0]
     return {"in_channels": channels + IMAGE_CHANNELS, "latent_channels": channels,
-            "noise_level_range": [0, TrainConfig.max_noise_level],
+            "noise_level_range": [0, DEFAULT_MAX_NOISE_LEVEL],
             "scaling_factor": target.models.get("vae", {}).get("scaling_factor"),
             "lowres_from": [{"resolution": t.config.resolution, "dir": t.label,
                              "lowres_factor": resolution // t.config.resolution} for t in lower]}

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from latentforge.config import ConfigError
-from latentforge.export.target import EXPORT_FORMATS
 from latentforge.tracking import TrackingOptions
+from latentforge.trained_model import EXPORT_FORMATS
+from latentforge.upscaler import DEFAULT_MAX_NOISE_LEVEL
 
 
 @dataclass
@@ -67,7 +68,7 @@ class TrainConfig(TrackingOptions):
     docs/super_resolution.md)."""
     lowres_factor: int = 4
     """Upscaler: the high-res image is downsampled by this factor to make the low-res input."""
-    max_noise_level: int = 350
+    max_noise_level: int = DEFAULT_MAX_NOISE_LEVEL
     """Upscaler: noise-augmentation levels of the low-res input are drawn from [0, this] (SD x4: 350)."""
     lowres_blur: float = 0.0
     """Upscaler: largest Gaussian blur sigma (high-res px) drawn per sample before downsampling; 0 = none."""

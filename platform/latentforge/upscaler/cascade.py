@@ -18,6 +18,7 @@ import numpy as np
 
 from latentforge.config import ConfigError
 from latentforge.manifest import ManifestError, read_manifest
+from latentforge.trained_model import read_data_manifest
 from latentforge.upscaler.conditioning import IMAGE_CHANNELS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -38,8 +39,6 @@ class Cascade:
 
 def upscaler_manifest_record(export_dir: str) -> dict[str, Any]:
     """`extra.upscaler` of an export plus its channel check; ConfigError when it is no usable upscaler."""
-    from latentforge.generation.export import read_data_manifest
-
     try:
         manifest = read_manifest(export_dir, stage="train")
         data = read_data_manifest(export_dir)
@@ -57,8 +56,6 @@ def upscaler_manifest_record(export_dir: str) -> dict[str, Any]:
 
 
 def base_output_size(export_dir: str, height: int | None, width: int | None) -> int:
-    from latentforge.generation.export import read_data_manifest
-
     resolution = int(read_data_manifest(export_dir).extra.get("resolution") or 0)
     height, width = height or resolution, width or resolution
     if height != width:

@@ -19,12 +19,12 @@ from typing import Any
 
 from mlflow.pyfunc import PythonModel
 
-from latentforge.export.target import ExportRefused, Source
+from latentforge.conversion.target import ExportRefused, Source
 
 DEFAULTS = {"seed": 0, "steps": 50, "guidance": 4.0}
 """Row defaults: the same as jobs/generate.py's."""
 MODEL_CODE = ("from mlflow.models import set_model\n"
-              "from latentforge.export.mlflow_model import TextToImageModel\n"
+              "from latentforge.conversion.mlflow_model import TextToImageModel\n"
               "set_model(TextToImageModel())\n")
 REQUIREMENTS = ("torch", "diffusers", "transformers", "pandas", "pillow", "safetensors")
 
@@ -76,7 +76,7 @@ def _requirements() -> list[str]:
 
 def check_mlflow(data_manifest: Any, run_id: str | None) -> None:
     """Every check an MLflow model needs: a training run to log to, and the diffusers folder's."""
-    from latentforge.export.diffusers_folder import check_diffusers
+    from latentforge.conversion.diffusers_folder import check_diffusers
 
     if not run_id:
         raise ExportRefused("mlflow export refused: the export records no MLflow training run; fix: train with "
@@ -95,7 +95,7 @@ def log_export(source: Source, artifact_path: str = "model", register_as: str | 
     import mlflow
     import pandas as pd
 
-    from latentforge.export.diffusers_folder import write_diffusers_folder
+    from latentforge.conversion.diffusers_folder import write_diffusers_folder
     from latentforge.tracking import tracking_uri
 
     run_id = source.model.mlflow_run_id

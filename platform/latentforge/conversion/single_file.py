@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from latentforge.export.clip_convert import ConversionError
-from latentforge.export.target import ExportRefused, Source, check_out
+from latentforge.conversion.clip_convert import ConversionError
+from latentforge.conversion.target import ExportRefused, Source, check_out
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
 UNET_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
@@ -132,7 +132,7 @@ def modelspec(source: Source, title: str) -> dict[str, str]:
 
 def check_single_file(data_manifest: Any) -> None:
     """Every check a single file needs: the diffusers folder's, and an AutoencoderKL."""
-    from latentforge.export.diffusers_folder import check_diffusers
+    from latentforge.conversion.diffusers_folder import check_diffusers
 
     if (data_manifest.models.get("vae") or {}).get("type") != "autoencoder_kl":
         raise ExportRefused("single-file export refused: the LDM layout holds an AutoencoderKL only; fix: use "
@@ -151,7 +151,7 @@ def write_single_file(source: Source, out: str, title: str | None = None, dtype:
     """Write ``out`` (.safetensors) atomically; the UNet/VAE/text tensors equal the diffusers folder's."""
     from safetensors.torch import save_file
 
-    from latentforge.export.diffusers_folder import build_pipeline
+    from latentforge.conversion.diffusers_folder import build_pipeline
     from latentforge.models.text_encoder import load_text_encoder_from_manifest
 
     if not out.endswith(".safetensors"):

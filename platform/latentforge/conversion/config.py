@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from latentforge.config import ConfigError, StageConfig
-from latentforge.export.target import EXPORT_FORMATS
+from latentforge.trained_model import EXPORT_FORMATS
 
 SINGLE_FILE_DTYPES = ("fp32", "fp16")
 

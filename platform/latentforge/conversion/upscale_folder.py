@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from latentforge.export.diffusers_folder import (check_text_encoder, check_vae, export_manifest,
+from latentforge.conversion.diffusers_folder import (check_text_encoder, check_vae, export_manifest,
                                                  folder_source_digest, pipeline_parts, save_pipeline_folder)
-from latentforge.export.target import ExportRefused, Source, check_out, check_text_states
+from latentforge.conversion.target import ExportRefused, Source, check_out, check_text_states
 from latentforge.manifest import Manifest
 from latentforge.upscaler.conditioning import IMAGE_CHANNELS
 

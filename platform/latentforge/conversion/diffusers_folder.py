@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from latentforge import storage
-from latentforge.export.target import (TEXT_STATES_KEY, ExportRefused, Source, atomic_dir, check_out,
+from latentforge.conversion.target import (TEXT_STATES_KEY, ExportRefused, Source, atomic_dir, check_out,
                                         check_text_states, text_state_convention)
 from latentforge.manifest import Manifest, read_manifest, write_manifest
 
@@ -71,7 +71,7 @@ def pipeline_parts(source: Source, sampler: str, encoder: Any = None,
                    scheduler_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every exported pipeline holds beside its VAE: unet, text_encoder, tokenizer, scheduler
     (``scheduler_config``, default the training noise schedule, as ``sampler``)."""
-    from latentforge.export.clip_convert import to_clip_text_model
+    from latentforge.conversion.clip_convert import to_clip_text_model
     from latentforge.diffusion.schedulers import canonical_sampler, make_scheduler
     from latentforge.models.text_encoder import load_text_encoder_from_manifest
 
@@ -89,7 +89,7 @@ def clip_tokenizer(encoder: Any) -> Any:
 
     from transformers import CLIPTokenizer
 
-    from latentforge.export.clip_convert import write_tokenizer_files
+    from latentforge.conversion.clip_convert import write_tokenizer_files
 
     with tempfile.TemporaryDirectory(prefix="lf-tokenizer-") as tmp:
         write_tokenizer_files(encoder, tmp)
@@ -126,7 +126,7 @@ def write_diffusers_folder(source: Source, out: str, sampler: str = "ddim") -> P
 
 def save_pipeline_folder(pipe: Any, encoder: Any, out: str, manifest: Manifest) -> Path:
     """``pipe.save_pretrained`` into ``out`` atomically, open_clip's tokenizer files, ``manifest`` last."""
-    from latentforge.export.clip_convert import write_tokenizer_files
+    from latentforge.conversion.clip_convert import write_tokenizer_files
 
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)

@@ -1,4 +1,5 @@
-"""The train stage's output: STORAGE/RUN_NAME/export/, ready for generation.
+"""Writing the train stage's output: STORAGE/RUN_NAME/export/, ready for generation (read by
+``latentforge.trained_model``, which owns the layout's names).
 
     unet/                EMA UNet (`save_pretrained`, safetensors)
     scheduler/           DDPMScheduler config used in training (`save_pretrained`)
@@ -17,6 +18,7 @@ from typing import Any
 
 from latentforge import storage
 from latentforge.manifest import MANIFEST_NAME, Manifest, manifest_uri, write_manifest
+from latentforge.trained_model import DATA_MANIFEST_NAME, SCHEDULER_DIR, UNET_DIR
 
 
 def write_export(export_uri: str, model: Any, noise_scheduler: Any, data_dir: str, data_digest: str,
@@ -27,14 +29,14 @@ def write_export(export_uri: str, model: Any, noise_scheduler: Any, data_dir: st
     if fs.exists(f"{root}/{MANIFEST_NAME}"):
         fs.rm(f"{root}/{MANIFEST_NAME}")
     with tempfile.TemporaryDirectory(prefix="lf-export-") as tmp:
-        model.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
-        noise_scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        model.save_pretrained(os.path.join(tmp, UNET_DIR), safe_serialization=True)
+        noise_scheduler.save_pretrained(os.path.join(tmp, SCHEDULER_DIR))
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
                 rel = path.relative_to(tmp).as_posix()
                 fs.makedirs(f"{root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
                 fs.put_file(str(path), f"{root}/{rel}")
-    storage.atomic_write_bytes(storage.join(export_uri, "data_manifest.json"),
+    storage.atomic_write_bytes(storage.join(export_uri, DATA_MANIFEST_NAME),
                                _read(manifest_uri(data_dir)))
     unet_config = dict(model.config)
     manifest = Manifest(

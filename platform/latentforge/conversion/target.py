@@ -1,6 +1,6 @@
 """What every export target shares: the source export, refusals, and all-or-nothing output writes.
 
-A source is a train export (dir or MLflow run id, see ``latentforge.generation.export``). Every
+A source is a train export (dir or MLflow run id, see ``latentforge.trained_model``). Every
 output records the sha256 of the source's manifest.json; an existing ``--out`` made from another
 source is refused rather than overwritten, one made from the same source is replaced whole.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from latentforge.manifest import Manifest
+from latentforge.trained_model import ExportedModel, load_export
 
 TEXT_STATES_KEY = "text_states"
 """Data manifest ``extra`` key: how the text states the UNet was trained on were made."""
@@ -23,7 +24,6 @@ PIPELINE_TEXT_STATES = "full"
 """diffusers' pipelines feed all context_length states, unmasked."""
 LEGACY_TEXT_STATES = "real_tokens"
 """Data made before the choice was recorded: real tokens only, with an attention mask in training."""
-EXPORT_FORMATS = ("diffusers", "single-file", "mlflow")
 
 
 class ExportRefused(ValueError):
@@ -34,8 +34,7 @@ class ExportRefused(ValueError):
 class Source:
     """A loaded train export and what every target needs to know about it."""
 
-    model: Any
-    """``latentforge.generation.export.ExportedModel``."""
+    model: ExportedModel
     digest: str
     """sha256 of the export's manifest.json: the identity every output records."""
 
@@ -73,8 +72,6 @@ def text_state_convention(data_manifest: Manifest) -> str:
 
 def load_source(model_ref: str) -> Source:
     """Load the train export ``model_ref`` names; refuses one without a finished manifest."""
-    from latentforge.generation.export import load_export
-
     model = load_export(model_ref)
     if model.manifest is None or model.manifest_sha256 is None:
         raise ExportRefused(f"{model.export_dir}: no manifest.json (unfinished export); re-run training's export")
