@@ -30,21 +30,15 @@ DOTTED = re.compile(r"\blatentforge(?:\.\w+)+")
 PENDING = {
     "pipelines/ray_train_driver.py",
     "pipelines/ray_train_worker.py",
-    "pipelines/sampling_pool.py",
-    "tests/harness/import_graph.py",
-    "latentforge.conversion",
-    "latentforge.trained_model",
     "latentforge.grids",
     "latentforge.tar_writer",
     "latentforge.training.options",
     "latentforge.training.options.OptimizerOptions",
     "latentforge.training.options.ClusterOptions",
     "latentforge.training.options.CheckpointOptions",
-    "latentforge.generation.options",
-    "latentforge.generation.options.SamplingOptions",
 }
 # Packages issue #21 renames away (export -> conversion): still here until the rename is merged.
-PENDING_REMOVAL = {"export"}
+PENDING_REMOVAL: set[str] = set()
 # Dotted names in the page that are MLflow tags, not modules.
 TAGS = {"latentforge.stage", "latentforge.export_uri"}
 

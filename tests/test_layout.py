@@ -85,11 +85,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("jobs", "benchmarks"),
 ]
 
-KNOWN_CYCLES: list[list[str]] = [
-    # Being broken on another branch (issue #21 item 3, the pipelines helper); the coordinator empties
-    # this list when that branch is merged. Anything else fails.
-    ["pipelines.generate", "pipelines.upscale"],
-]
+KNOWN_CYCLES: list[list[str]] = []
 KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
     # (importing module, private name): being made public on another branch (the train helper);
     # emptied by the coordinator after the merge.
