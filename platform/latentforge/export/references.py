@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 
 from latentforge import storage
+from latentforge.manifest import MANIFEST_NAME
 
 REGISTERED_RE = re.compile(r"^models:/([^/@]+)(?:/(\d+)|@([\w-]+))/?$")
 
 
 def is_diffusers_folder(model: str) -> bool:
-    return storage.exists(storage.join(model, "model_index.json")) and storage.exists(storage.join(model, "manifest.json"))
+    return storage.exists(storage.join(model, "model_index.json")) and storage.exists(storage.join(model, MANIFEST_NAME))
 
 
 def source_of_folder(folder: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ import torch
 
 from latentforge import storage
 from latentforge.conditioning.spec import ConditionSet
-from latentforge.manifest import Manifest, ManifestError, manifest_digest, read_manifest
+from latentforge.manifest import MANIFEST_NAME, Manifest, ManifestError, manifest_digest, read_manifest
 
 EXPORT_URI_TAG = "latentforge.export_uri"
 RUN_ID_RE = re.compile(r"^(runs:/)?([0-9a-f]{32})/?$")
@@ -43,7 +43,7 @@ class ExportedModel:
 
     @property
     def manifest_sha256(self) -> str | None:
-        uri = storage.join(self.export_dir, "manifest.json")
+        uri = storage.join(self.export_dir, MANIFEST_NAME)
         return storage.sha256_file(uri) if storage.exists(uri) else None
 
     def sampler(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -117,7 +117,7 @@ def _other_reference(model: str) -> str | None:
             return None
         export_dir, digest = resolve_export_dir(found[0]), found[1]
         what = model
-    manifest = storage.join(export_dir, "manifest.json")
+    manifest = storage.join(export_dir, MANIFEST_NAME)
     if not storage.exists(manifest) or storage.sha256_file(manifest) != digest:
         raise ExportError(f"{what} was made from {export_dir}, which is gone or changed since")
     return export_dir
