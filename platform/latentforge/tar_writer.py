@@ -68,11 +68,12 @@ class SampleTarWriter:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.digest: TarDigest | None = None
+        writer_class = tar_writer_class()  # before the temp file exists: an import error leaves none
         self._temp = storage.atomic_open(uri, "wb")
         self._file = HashingFile(self._temp.__enter__())
-        self._tar = tar_writer_class()(self._file, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER,
-                                       group=TAR_OWNER, mode=TAR_MODE)
-        self._open = True
+        self._tar = writer_class(self._file, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER,
+                                 mode=TAR_MODE)
+        self._writing = True
 
     def write(self, sample: dict[str, Any]) -> None:
         """One sample's members, named ``KEY.SUFFIX`` in suffix order; values are bytes (nothing is encoded)."""
@@ -80,8 +81,8 @@ class SampleTarWriter:
 
     def close(self) -> TarDigest:
         """End the tar, make it durable and rename it onto `uri`; its sha256 and size."""
-        if self._open:
-            self._open = False
+        if self._writing:
+            self._writing = False
             try:
                 self._tar.close()
             except BaseException as exc:
@@ -95,9 +96,9 @@ class SampleTarWriter:
 
     def abort(self) -> None:
         """Drop the temp file; nothing is published. Safe to call more than once."""
-        if not self._open:
+        if not self._writing:
             return
-        self._open = False
+        self._writing = False
         with contextlib.suppress(Exception):  # the tar's end is thrown away with its file
             self._tar.close()
         self._temp.__exit__(TarAborted, TarAborted(), None)
