@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 from tests.harness.http_server import LoopbackServer, jpeg_bytes, realistic_jpeg_pool  # noqa: E402
 from tests.harness.ray_head import RayHead  # noqa: E402
 from tests.harness.url_lists import pool_rows, write_rows  # noqa: E402
+from latentforge.manifest import MANIFEST_NAME  # noqa: E402
 
 PY = sys.executable
 
@@ -194,7 +195,7 @@ def rss(a: argparse.Namespace, work: Path, env: dict[str, str]) -> dict:
             out = work / f"rss-out-{rows}"
             shutil.rmtree(out, ignore_errors=True)
             wall, peak, output = run_measured(ours_cmd(src, out, a, 64), env)
-            manifest = json.loads((out / "manifest.json").read_text())
+            manifest = json.loads((out / MANIFEST_NAME).read_text())
             out_rows[rows] = {"peak_rss_mib": round(peak / 2 ** 20), "wall_s": round(wall, 1),
                               "ok": manifest["counts"].get("ok", 0), "in_stage_images_per_s": in_stage_rate(output)}
             print(f"[rss] {rows} rows: {out_rows[rows]}", flush=True)

@@ -47,6 +47,7 @@ from latentforge.demo.config import DemoConfig
 from latentforge.demo.commands import autoencoder_settings, generate_argv, job_of, sr_fidelity_argv, stage_argv
 from latentforge.demo.report import summary_text
 from latentforge.demo.report import DemoPaths as Paths
+from latentforge.manifest import MANIFEST_NAME
 
 JOBS_DIR = Path(__file__).resolve().parent
 SETTINGS_NAME = "demo_settings.json"  # beside the demo autoencoder's run: what it was trained from
@@ -171,14 +172,14 @@ def train_or_reuse_autoencoder(config: DemoConfig, paths: Paths, argv: list[str]
 
 def training_run_id(export: Path) -> str | None:
     try:
-        return json.loads((export / "manifest.json").read_text()).get("extra", {}).get("mlflow_run_id")
+        return json.loads((export / MANIFEST_NAME).read_text()).get("extra", {}).get("mlflow_run_id")
     except (OSError, ValueError):
         return None
 
 
 def trained_step(export: Path, default: int) -> int:
     try:
-        return int(json.loads((export / "manifest.json").read_text()).get("extra", {}).get("step", default))
+        return int(json.loads((export / MANIFEST_NAME).read_text()).get("extra", {}).get("step", default))
     except (OSError, ValueError, TypeError):
         return default
 

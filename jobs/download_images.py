@@ -20,7 +20,7 @@ except ImportError:  # imported as jobs.download_images
 from latentforge.config import ConfigError, parse_config
 from latentforge.ingest.config import IngestConfig
 from latentforge.ingest.inputs import InputError
-from latentforge.manifest import ManifestError
+from latentforge.manifest import MANIFEST_NAME, ManifestError
 
 PRESET_DIR = _bootstrap.PRESETS / "ingest"
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         except ingest.Interrupted as exc:  # ingest records what finished, then stops: the signal's exit code
             raise KeyboardInterrupt(exc.signum) from exc
 
-    resume = f"interrupted; finished shards are recorded in {config.output}/manifest.json, rerun to resume"
+    resume = f"interrupted; finished shards are recorded in {config.output}/{MANIFEST_NAME}, rerun to resume"
     return _bootstrap.run_job("ingest", work, usage_errors=(ConfigError, InputError, ManifestError), interrupted=resume)
 
 

@@ -287,7 +287,7 @@ def test_fidelity_breach_fails_the_job(data, reference, ray_session, tmp_path, c
 
     from jobs.precompute_latents import main
     from latentforge.manifest import write_manifest
-    from latentforge.precompute.writer import add_member
+    from tests.harness.latent_shards import _tar_member as add_member
 
     out = tmp_path / "latents"
     shutil.copytree(reference, out)

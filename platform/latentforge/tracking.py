@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from latentforge.config import ConfigError, StageConfig
+from latentforge.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def manifest_uri_of(dir_uri: str) -> str:
     base = dir_uri.rstrip("/")
     if "://" not in base:
         base = str(Path(base).resolve())
-    return f"{base}/manifest.json"
+    return f"{base}/{MANIFEST_NAME}"
 
 
 def manifest_dataset(dir_uri: str, digest: str, name: str | None = None) -> Any:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from latentforge import storage
 from latentforge.conditioning.spec import ConditionSet
-from latentforge.manifest import Manifest, ManifestError, manifest_digest, read_manifest
+from latentforge.manifest import MANIFEST_NAME, Manifest, ManifestError, manifest_digest, read_manifest
 
 if TYPE_CHECKING:  # torch is imported on first load, not here: configs import EXPORT_FORMATS
     import torch
@@ -56,7 +56,7 @@ class ExportedModel:
 
     @property
     def manifest_sha256(self) -> str | None:
-        uri = storage.join(self.export_dir, "manifest.json")
+        uri = storage.join(self.export_dir, MANIFEST_NAME)
         return storage.sha256_file(uri) if storage.exists(uri) else None
 
     def sampler(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -131,14 +131,14 @@ def _other_reference(model: str) -> str | None:
             return None
         export_dir, digest = resolve_export_dir(found[0]), found[1]
         what = model
-    manifest = storage.join(export_dir, "manifest.json")
+    manifest = storage.join(export_dir, MANIFEST_NAME)
     if not storage.exists(manifest) or storage.sha256_file(manifest) != digest:
         raise ExportError(f"{what} was made from {export_dir}, which is gone or changed since")
     return export_dir
 
 
 def is_diffusers_folder(model: str) -> bool:
-    return storage.exists(storage.join(model, "model_index.json")) and storage.exists(storage.join(model, "manifest.json"))
+    return storage.exists(storage.join(model, "model_index.json")) and storage.exists(storage.join(model, MANIFEST_NAME))
 
 
 def source_of_folder(folder: str) -> tuple[str, str]:

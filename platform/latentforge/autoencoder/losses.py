@@ -121,10 +121,9 @@ def reconstruction_metrics(pixels: torch.Tensor, reconstruction: torch.Tensor) -
 def reconstruction_grid(pixels: torch.Tensor, reconstruction: torch.Tensor, scale: int) -> Any:
     """A PIL image: originals in the top row, reconstructions below, upscaled `scale` x (nearest)."""
     from PIL import Image
-    from torchvision.utils import make_grid
+
+    from latentforge.grids import contact_sheet
 
     pairs = torch.cat([to_unit(pixels), to_unit(reconstruction)]).cpu()  # (2B, 3, H, W)
-    if scale > 1:
-        pairs = F.interpolate(pairs, scale_factor=scale, mode="nearest")
-    grid = make_grid(pairs, nrow=pixels.shape[0], padding=2, pad_value=1.0)  # (3, H', W')
-    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    images = list(pairs.mul(255).round().byte().permute(0, 2, 3, 1).numpy())
+    return Image.fromarray(contact_sheet(images, columns=pixels.shape[0], scale=scale))

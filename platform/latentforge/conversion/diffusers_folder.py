@@ -18,7 +18,7 @@ from typing import Any
 from latentforge import storage
 from latentforge.conversion.target import (TEXT_STATES_KEY, ExportRefused, Source, atomic_dir, check_out,
                                         check_text_states, text_state_convention)
-from latentforge.manifest import Manifest, read_manifest, write_manifest
+from latentforge.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
 
 PIPELINE_SAMPLERS = ("ddim", "dpmsolver++")
 DIFFUSERS_VAE_TYPES = ("autoencoder_kl", "autoencoder_tiny")
@@ -101,7 +101,7 @@ def export_manifest(source: Source, fmt: str, **extra: Any) -> Manifest:
     model = source.model
     return Manifest(
         stage="export", config={"format": fmt, **extra},
-        inputs=[{"uri": storage.join(model.export_dir, "manifest.json"), "sha256": source.digest, "kind": "export"}],
+        inputs=[{"uri": storage.join(model.export_dir, MANIFEST_NAME), "sha256": source.digest, "kind": "export"}],
         models=dict(source.data_manifest.models),
         extra={"mlflow_run_id": model.mlflow_run_id, "step": model.step, "data_sha256": source.data_digest,
                "prediction_type": source.prediction_type, "resolution": source.resolution,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from latentforge.manifest import Manifest
+from latentforge.manifest import MANIFEST_NAME, Manifest
 from latentforge.trained_model import ExportedModel, load_export
 
 TEXT_STATES_KEY = "text_states"
@@ -74,7 +74,7 @@ def load_source(model_ref: str) -> Source:
     """Load the train export ``model_ref`` names; refuses one without a finished manifest."""
     model = load_export(model_ref)
     if model.manifest is None or model.manifest_sha256 is None:
-        raise ExportRefused(f"{model.export_dir}: no manifest.json (unfinished export); re-run training's export")
+        raise ExportRefused(f"{model.export_dir}: no {MANIFEST_NAME} (unfinished export); re-run training's export")
     return Source(model, model.manifest_sha256)
 
 

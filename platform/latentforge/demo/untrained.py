@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from latentforge.manifest import MANIFEST_NAME
+
 
 def write_untrained_export(trained_export: Path, out: Path, preset: str, seed: int) -> Path:
     """The same architecture at initialisation (step 0), in the export layout `generate` loads.
@@ -21,7 +23,7 @@ def write_untrained_export(trained_export: Path, out: Path, preset: str, seed: i
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for item in ("scheduler", "data_manifest.json", "manifest.json"):
+    for item in ("scheduler", "data_manifest.json", MANIFEST_NAME):
         src = trained_export / item
         if src.is_dir():
             shutil.copytree(src, out / item)
@@ -32,7 +34,7 @@ def write_untrained_export(trained_export: Path, out: Path, preset: str, seed: i
     width = int(data["models"]["text_encoder"]["width"])
     torch.manual_seed(seed)
     build_unet(preset, latent_channels, width).save_pretrained(out / "unet")
-    manifest_path = out / "manifest.json"
+    manifest_path = out / MANIFEST_NAME
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         extra = manifest.setdefault("extra", {})

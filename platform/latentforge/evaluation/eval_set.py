@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from latentforge import formats, storage, tar_samples
-from latentforge.manifest import Manifest, read_manifest
+from latentforge.manifest import MANIFEST_NAME, Manifest, read_manifest
 from latentforge.pixels import to_pixels
 from latentforge.precompute.preprocess import preprocess_image
 
@@ -65,7 +65,7 @@ def open_eval_set(uri: str) -> EvalSet:
     manifest = read_manifest(uri)
     if manifest.stage not in ("precompute", "ingest"):
         raise ValueError(f"{uri}: an eval set is precompute (latent) or ingest (image) output, not {manifest.stage!r}")
-    return EvalSet(uri, manifest, storage.sha256_file(storage.join(uri, "manifest.json")))
+    return EvalSet(uri, manifest, storage.sha256_file(storage.join(uri, MANIFEST_NAME)))
 
 
 def iter_samples(eval_set: EvalSet, limit: int | None = None) -> Iterator[EvalSample]:

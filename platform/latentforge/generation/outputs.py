@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
@@ -18,12 +17,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from latentforge import storage
+# DISPLAY_TILE and contact_sheet stay importable from here: the grids' callers (sr_fidelity) use them.
+from latentforge.grids import DISPLAY_TILE, contact_sheet, display_scale  # noqa: F401
 
 INDEX_NAME = "index.jsonl"
 GRID_NAME = "grid.png"
 META_KEY = "latentforge"
-DISPLAY_TILE = 128
-"""A grid shows each image at least this many pixels high or wide (or as it is when larger)."""
 
 
 @dataclass
@@ -111,39 +110,13 @@ def read_image(uri: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2,
-                  background: int = 255) -> np.ndarray:
-    """Tile (H, W, 3) uint8 images row-major into one image with `pad` px gutters."""
-    if not images:
-        raise ValueError("no images for a contact sheet")
-    h = max(i.shape[0] for i in images)
-    w = max(i.shape[1] for i in images)
-    cols = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    sheet = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), background, dtype=np.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        sheet[y:y + img.shape[0], x:x + img.shape[1]] = img
-    return sheet
-
-
-def display_scale(images: Sequence[np.ndarray], tile: int = DISPLAY_TILE) -> int:
-    """The whole factor that brings the largest image up to about `tile` px: 16 px samples x8."""
-    return max(1, tile // max(max(i.shape[:2]) for i in images))
-
-
 def save_grid(path: str, images: Sequence[np.ndarray], meta: dict[str, Any] | None = None,
               columns: int | None = None) -> str:
     """A contact sheet of the images, small ones enlarged (nearest, so pixels stay pixels) to be looked at;
     the factor is recorded as `display_scale` in the PNG's metadata. The per-request PNGs keep their size."""
-    from PIL import Image
-
     scale = display_scale(images) if images else 1
-    if scale > 1:
-        images = [np.asarray(Image.fromarray(i).resize((i.shape[1] * scale, i.shape[0] * scale), Image.NEAREST))
-                  for i in images]
-    storage.atomic_write_bytes(path, png_bytes(contact_sheet(images, columns), {**(meta or {}), "display_scale": scale}))
+    storage.atomic_write_bytes(path, png_bytes(contact_sheet(images, columns, scale),
+                                               {**(meta or {}), "display_scale": scale}))
     return path
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,10 +33,7 @@ from latentforge.ingest.images import ImageProcessor, standard_streams_kept
 from latentforge.ingest.inputs import InputPlan, read_rows, split_record
 from latentforge.ingest.light_imports import tar_writer_class
 from latentforge.ingest.safety import AddressPolicy
-
-# Fixed member mtime, so the same samples give byte-identical tars. An int: with a float,
-# tarfile writes an extra pax header (1 KiB) before every member to keep the fraction.
-TAR_MTIME = 0
+from latentforge.tar_writer import SampleTarWriter
 
 LEDGER_SCHEMA = pa.schema([
     ("key", pa.string()), ("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
@@ -158,23 +155,6 @@ def _handle_row(task: RowTask, key: str, config: IngestConfig, fetcher: Fetcher,
     return entry, sample
 
 
-class _HashingWriter:
-    """A write-only file wrapper that hashes what passes through (the tar's sha256 for free)."""
-
-    def __init__(self, handle: IO[bytes]) -> None:
-        self.handle = handle
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
 def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputPlan) -> dict[str, Any]:
     """Write one shard's three files (each atomically) and return its manifest record."""
     started = time.monotonic()
@@ -186,10 +166,8 @@ def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputP
     counts: collections.Counter[str] = collections.Counter()
     replaces: collections.Counter[str] = collections.Counter()
     tar_uri = storage.join(out, tar_name(shard))
-    with storage.atomic_open(tar_uri, "wb") as raw, standard_streams_kept(), \
+    with SampleTarWriter(tar_uri) as writer, standard_streams_kept(), \
             ThreadPoolExecutor(threads, thread_name_prefix="lf-dl") as pool:
-        hashing = _HashingWriter(raw)
-        writer = tar_writer_class()(hashing, encoder=False, mtime=TAR_MTIME)
         window: collections.deque[Future] = collections.deque()
 
         def drain_one() -> None:
@@ -208,8 +186,7 @@ def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputP
                 drain_one()
         while window:
             drain_one()
-        writer.close()
-        tar_sha, tar_bytes = hashing.sha.hexdigest(), hashing.size
+        tar = writer.close()
 
     table = pa.Table.from_pylist(ledger, schema=LEDGER_SCHEMA)
     buffer = io.BytesIO()
@@ -220,7 +197,7 @@ def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputP
     stats = {
         "shard": formats.shard_name(shard), "kind": descriptor["kind"], "rows": len(ledger),
         "counts": dict(sorted(counts.items())), "replaces": dict(sorted(replaces.items())),
-        "downloaded_bytes": int(sum(e["bytes"] or 0 for e in ledger)), "tar_bytes": tar_bytes,
+        "downloaded_bytes": int(sum(e["bytes"] or 0 for e in ledger)), "tar_bytes": tar.size,
         "seconds": round(seconds, 3),
     }
     if descriptor["kind"] == "range":
@@ -228,7 +205,7 @@ def process_shard(descriptor: dict[str, Any], config: IngestConfig, plan: InputP
     stats_bytes = (json.dumps(stats, indent=2) + "\n").encode()
     storage.atomic_write_bytes(storage.join(out, stats_name(shard)), stats_bytes)
     return {
-        "name": formats.shard_name(shard), "samples": counts.get("ok", 0), "sha256": tar_sha, "size": tar_bytes,
+        "name": formats.shard_name(shard), "samples": counts.get("ok", 0), "sha256": tar.sha256, "size": tar.size,
         "files": {ledger_name(shard): storage.sha256_bytes(ledger_bytes),
                   stats_name(shard): storage.sha256_bytes(stats_bytes)},
         "stats": {"kind": descriptor["kind"], "rows": len(ledger), "counts": stats["counts"],

@@ -16,7 +16,7 @@ from typing import Any
 
 from latentforge import storage
 from latentforge.config import config_to_dict
-from latentforge.manifest import (Manifest, ManifestError, ShardRecord, manifest_digest, read_manifest,
+from latentforge.manifest import (MANIFEST_NAME, Manifest, ManifestError, ShardRecord, manifest_digest, read_manifest,
                                   require_same)
 from latentforge.precompute.config import PrecomputeConfig, resolution_dir
 from latentforge.precompute.stage import Plan, build_manifest, is_parent, plan_run, save
@@ -72,7 +72,7 @@ def plan_targets(config: PrecomputeConfig) -> list[Target]:
 
 def check_parent(config: PrecomputeConfig) -> None:
     """A --resolutions rerun must find the same sizes, and never a single-resolution dataset, in its output."""
-    if not storage.exists(storage.join(config.output, "manifest.json")):
+    if not storage.exists(storage.join(config.output, MANIFEST_NAME)):
         return
     previous = read_manifest(config.output, stage="precompute")
     if not is_parent(previous):
@@ -105,7 +105,7 @@ def _entry(target: Target, targets: list[Target]) -> dict[str, Any]:
     stages: dict[str, Any] = {"base": {"in_channels": channels, "latent_channels": channels}}
     if target.config.store_pixels:
         stages["upscaler"] = upscaler_stage(target, targets, channels)
-    published = storage.exists(storage.join(target.config.output, "manifest.json"))
+    published = storage.exists(storage.join(target.config.output, MANIFEST_NAME))
     return {"resolution": target.config.resolution, "dir": target.label, "latent_shape": list(target.latent_shape),
             "latent_channels": channels, "scaling_factor": vae.get("scaling_factor"),
             "shift_factor": vae.get("shift_factor"), "pixels": bool(manifest.extra["pixels"]),

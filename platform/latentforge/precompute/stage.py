@@ -9,7 +9,7 @@ from typing import Any
 from latentforge import formats, storage
 from latentforge.conditioning.values import check_ingest_columns, manifest_conditions
 from latentforge.config import config_to_dict
-from latentforge.manifest import (Manifest, ManifestError, ShardRecord, manifest_digest, read_manifest,
+from latentforge.manifest import (MANIFEST_NAME, Manifest, ManifestError, ShardRecord, manifest_digest, read_manifest,
                                   require_same, write_manifest)
 from latentforge.precompute.config import ENCODER_SETTINGS, PrecomputeConfig
 from latentforge.precompute.preprocess import preprocessing_record
@@ -44,7 +44,7 @@ def plan_run(config: PrecomputeConfig) -> Plan:
     shards = input_manifest.shards[: config.max_shards] if config.max_shards else list(input_manifest.shards)
     previous = None
     done: dict[str, ShardRecord] = {}
-    if storage.exists(storage.join(config.output, "manifest.json")):
+    if storage.exists(storage.join(config.output, MANIFEST_NAME)):
         previous = read_manifest(config.output, stage="precompute")
         if is_parent(previous):
             raise ManifestError(f"{config.output} holds one precompute dataset per resolution "

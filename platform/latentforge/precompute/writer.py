@@ -1,18 +1,17 @@
-"""Latent shard writer: one tar per input shard, written to a temp name and renamed when complete;
-`ShardSink` routes the encoder's rows to the writers and settles each shard (published or not).
+"""Latent shard writer: one tar per input shard (a `SampleTarWriter`: written to a temp name,
+hashed as it is written, renamed when complete); `ShardSink` routes the encoder's rows to the
+writers and settles each shard (published or not).
 
-Tars are byte-reproducible (fixed mtime/owner, USTAR, members in arrival order), so a rerun of
-a killed job produces the same file hashes as an uninterrupted run.
+Tars are byte-reproducible (fixed member headers, samples in arrival order), so a rerun of a
+killed job produces the same file hashes as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from latentforge.conditioning.values import MEMBER as CONDITIONS_MEMBER, ShardCo
 from latentforge.manifest import ShardRecord
 from latentforge.precompute.config import PrecomputeConfig
 from latentforge.precompute.preprocess import STATUS_OK
+from latentforge.tar_writer import SampleTarWriter
 
 log = logging.getLogger("latentforge.precompute")
 
@@ -30,28 +30,22 @@ PAD = "_pad"
 """Status of the rows that pad a shard's last block to a whole encoder batch."""
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def sample_members(key: str, latent: np.ndarray, text: np.ndarray, pooled: np.ndarray,
-                   caption: str, meta: dict[str, Any], pixels: np.ndarray | None = None) -> dict[str, bytes]:
-    """The five members of one latent sample (``text`` already cut to the real tokens), and its
-    preprocessed image (uint8 HWC) with --store-pixels."""
-    members = {
-        f"{key}.latent.npy": formats.encode_npy(latent),
-        f"{key}.text.npy": formats.encode_npy(text),
-        f"{key}.pooled.npy": formats.encode_npy(pooled),
-        f"{key}.txt": caption.encode("utf-8"),
-        f"{key}.json": formats.encode_json(meta),
+                   caption: str, meta: dict[str, Any], pixels: np.ndarray | None = None) -> dict[str, Any]:
+    """One latent sample for `SampleTarWriter.write`: its five members (``text`` already cut to the
+    real tokens), its preprocessed image (uint8 HWC) with --store-pixels, its conditions if any."""
+    members: dict[str, Any] = {
+        "__key__": key,
+        "latent.npy": formats.encode_npy(latent),
+        "text.npy": formats.encode_npy(text),
+        "pooled.npy": formats.encode_npy(pooled),
+        "txt": caption.encode("utf-8"),
+        "json": formats.encode_json(meta),
     }
     if pixels is not None:
-        members[f"{key}.{formats.PIXELS_MEMBER}"] = formats.encode_npy(np.asarray(pixels, dtype=np.uint8))
+        members[formats.PIXELS_MEMBER] = formats.encode_npy(np.asarray(pixels, dtype=np.uint8))
+    if "conditions" in meta:
+        members[CONDITIONS_MEMBER] = formats.encode_json(meta["conditions"])
     return members
 
 
@@ -76,26 +70,20 @@ class ShardWriter:
     _sum: float = 0.0
     _sumsq: float = 0.0
     _count: int = 0
-    _handle: IO[bytes] | None = None
-    _tar: tarfile.TarFile | None = None
-    _tmp: str = ""
+    _tar: SampleTarWriter | None = None
 
     @property
     def uri(self) -> str:
         return storage.join(self.out_dir, f"{self.name}.tar")
 
-    def _open(self) -> None:
-        fs, path = storage.filesystem(self.uri)
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        self._tmp = storage.temp_name(path)
-        self._fs = fs
-        self._handle = fs.open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)
+    def _open(self) -> SampleTarWriter:
+        if self._tar is None:
+            self._tar = SampleTarWriter(self.uri)
+        return self._tar
 
     def add(self, row: dict[str, Any]) -> None:
         """One row from the encoder: a sample (status ok), a skipped sample, or nothing else."""
-        if self._tar is None:
-            self._open()
+        tar = self._open()
         self.seen += 1
         status = str(row["status"])
         if status != STATUS_OK:
@@ -106,11 +94,9 @@ class ShardWriter:
         meta = formats.decode_json(str(row["meta"]).encode("utf-8"))
         meta["text_length"] = length
         latent = np.asarray(row["latent"])
-        for name, data in sample_members(key, latent, np.asarray(row["text"])[:length], np.asarray(row["pooled"]),
-                                         str(row["caption"]), meta, row.get("image")).items():
-            add_member(self._tar, name, data)  # type: ignore[arg-type]
+        tar.write(sample_members(key, latent, np.asarray(row["text"])[:length], np.asarray(row["pooled"]),
+                                 str(row["caption"]), meta, row.get("image")))
         if "conditions" in meta:
-            add_member(self._tar, f"{key}.{CONDITIONS_MEMBER}", formats.encode_json(meta["conditions"]))  # type: ignore[arg-type]
             self.conditions.add(meta["conditions"])
         values = formats.storage_to_tensor(latent, self.dtype).float().numpy()
         values = values[0] if values.ndim == 4 else values  # mean_std: statistics of the mean
@@ -124,20 +110,8 @@ class ShardWriter:
         return self.expected is not None and self.seen >= self.expected
 
     def finish(self) -> ShardRecord:
-        """Close, fsync, rename onto NNNNN.tar; the record for the manifest."""
-        if self._tar is None:
-            self._open()
-        assert self._tar is not None and self._handle is not None
-        self._tar.close()
-        self._handle.flush()
-        try:
-            import os
-            os.fsync(self._handle.fileno())
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            pass
-        self._handle.close()
-        fs, path = storage.filesystem(self.uri)
-        fs.mv(self._tmp, path)
+        """Close, fsync, rename onto NNNNN.tar; the record for the manifest (its hash taken while writing)."""
+        tar = self._open().close()
         mean = self._sum / self._count if self._count else 0.0
         var = max(self._sumsq / self._count - mean * mean, 0.0) if self._count else 0.0
         stats = {"input_sha256": self.input_sha256, "rows": self.seen, "ok": self.ok,
@@ -147,15 +121,13 @@ class ShardWriter:
         if self.error:
             stats["partial"] = {"reason": self.error,
                                 "lost_samples": max(self.input_samples - self.seen, 0)}
-        return ShardRecord(name=self.name, samples=self.ok, sha256=storage.sha256_file(self.uri), stats=stats,
-                           size=storage.size(self.uri))
+        return ShardRecord(name=self.name, samples=self.ok, sha256=tar.sha256, stats=stats, size=tar.size)
 
     def abort(self) -> None:
+        """Drop the temp file of an unfinished tar."""
         if self._tar is not None:
             try:
-                self._tar.close()
-                self._handle.close()  # type: ignore[union-attr]
-                self._fs.rm(self._tmp)
+                self._tar.abort()
             except Exception:  # noqa: BLE001 - best effort; stale temps are ignored and removed later
                 pass
 
