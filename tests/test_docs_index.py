@@ -30,8 +30,6 @@ DOTTED = re.compile(r"\blatentforge(?:\.\w+)+")
 PENDING = {
     "pipelines/ray_train_driver.py",
     "pipelines/ray_train_worker.py",
-    "latentforge.grids",
-    "latentforge.tar_writer",
     "latentforge.training.options",
     "latentforge.training.options.OptimizerOptions",
     "latentforge.training.options.ClusterOptions",

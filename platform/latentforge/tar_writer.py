@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from latentforge import storage
-from latentforge.ingest.light_imports import tar_writer_class
+from latentforge.light_imports import tar_writer_class
 
 # Fixed member headers, so the same samples give byte-identical tars. mtime an int: with a
 # float, tarfile writes an extra pax header (1 KiB) before every member to keep the fraction.

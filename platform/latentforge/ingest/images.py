@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from latentforge.ingest.light_imports import resizer_class
+from latentforge.light_imports import resizer_class
 
 EXIF_ORIENTATION = 0x0112
 JPEG_SCALES = (8, 4, 2)   # the reductions libjpeg (cv2.IMREAD_REDUCED_COLOR_N) decodes directly

@@ -31,7 +31,7 @@ from latentforge.ingest.config import IngestConfig
 from latentforge.ingest.download import Fetcher, FetchSettings
 from latentforge.ingest.images import ImageProcessor, standard_streams_kept
 from latentforge.ingest.inputs import InputPlan, read_rows, split_record
-from latentforge.ingest.light_imports import tar_writer_class
+from latentforge.light_imports import tar_writer_class
 from latentforge.ingest.safety import AddressPolicy
 from latentforge.tar_writer import SampleTarWriter
 
