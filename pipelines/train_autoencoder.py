@@ -1,9 +1,10 @@
 """The autoencoder stage as a Ray Train graph: ingest shards --> TorchTrainer workers running Accelerate.
 
-    driver: read the ingest manifest, check the init model, deal shards to ranks, pick the
-            held-out images, refuse node-local storage on a multi-machine cluster, open (or
-            reopen) the run's single MLflow run, then TorchTrainer.fit()
-    worker: Accelerator (DDP over Ray's process group) + AutoencoderTrainer over its own
+    driver: `pipelines.ray_train_driver.run_training` with `AutoencoderKind`: read the ingest
+            manifest, check the init model, deal shards to ranks, pick the held-out images (all
+            here), then the shared steps (storage checks, resume, the run's single MLflow run,
+            TorchTrainer.fit() with each node's own address for the process group, lineage)
+    worker: `AutoencoderWorker`, the shared worker skeleton with an AutoencoderTrainer over its own
             `ImageStream` (its shards, precompute's preprocessing, a seeded resumable order);
             checkpoints through `ray.train.report(checkpoint=...)`; rank 0 logs the loss terms,
             PSNR / SSIM and a reconstruction grid of the held-out images to MLflow, measures the
@@ -18,34 +19,18 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from latentforge.autoencoder import data as aedata
 from latentforge.autoencoder.config import AutoencoderTrainConfig
-from latentforge.config import ConfigError, config_to_dict, from_dict
-from latentforge.manifest import manifest_digest, read_manifest
-from latentforge.reporting import summary_table
-from latentforge.tracking import AsyncMetricLogger, StageRun, default_run_name, tracking_uri
-from latentforge.training import run_storage
-from pipelines.train import _absolute_storage, _node_addresses, read_data_manifest
-from pipelines.train_worker import say
+from latentforge.config import ConfigError
+from latentforge.manifest import Manifest, manifest_digest
+from pipelines.ray_train_driver import TrainingKind, TrainingPlan, TrainResult, read_data_manifest, run_training
+from pipelines.ray_train_worker import TrainingWorker, run_worker, say
 
 log = logging.getLogger("latentforge.autoencoder")
 STAGE = "autoencoder"
-
-
-@dataclass
-class AutoencoderResult:
-    run_name: str
-    export_uri: str
-    mlflow_run_id: str | None
-    step: int
-    metrics: dict[str, float]
-    summary: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,193 +55,104 @@ def check_init(config: AutoencoderTrainConfig) -> dict[str, Any] | None:
     return model_config
 
 
-def plan(config: AutoencoderTrainConfig) -> dict[str, Any]:
-    """Everything the workers need that is decided once: shards per rank, held-out images, digests."""
-    config.data, manifest = read_data_manifest(config.data, "ingest")
-    init_config = check_init(config)
-    rank_shards = aedata.deal_shards(manifest, config.num_workers)
-    val_keys, val_images = aedata.held_out(config.data, manifest, config.val_samples, config.resolution,
-                                           config.resize_filter)
-    if config.val_samples and not val_keys:
-        raise ConfigError(f"{config.data}: no decodable image to hold out for PSNR / SSIM")
-    return {"manifest": manifest, "digest": manifest_digest(config.data), "rank_shards": rank_shards,
-            "val_keys": val_keys, "val_images": val_images, "init_config": init_config}
+class AutoencoderKind(TrainingKind):
+    """The autoencoder for the shared driver: its data plan, resume check and summary rows."""
 
+    stage = STAGE
 
-def _check_previous(config: AutoencoderTrainConfig, digest: str) -> dict[str, Any] | None:
-    previous = run_storage.read_run_state(config.storage_path, config.run_name)
-    if previous is not None:
-        run_storage.check_resume(previous, config.data, digest, config.run_name)
+    @staticmethod
+    def worker(loop_config: dict[str, Any]) -> None:
+        """The function Ray Train runs on every worker."""
+        run_worker(AutoencoderWorker, loop_config)
+
+    def plan(self) -> TrainingPlan:
+        """Shards per rank, held-out images, the init model's config: decided once, before Ray starts."""
+        config = self.config
+        config.data, manifest = read_data_manifest(config.data, "ingest")
+        check_init(config)
+        rank_shards = aedata.deal_shards(manifest, config.num_workers)
+        val_keys, val_images = aedata.held_out(config.data, manifest, config.val_samples, config.resolution,
+                                               config.resize_filter)
+        if config.val_samples and not val_keys:
+            raise ConfigError(f"{config.data}: no decodable image to hold out for PSNR / SSIM")
+        return TrainingPlan(data_digest=manifest_digest(config.data),
+                            loop_config={"rank_shards": rank_shards, "val_keys": val_keys, "val_images": val_images},
+                            derived={"held_out": len(val_keys)}, run_state={"num_workers": config.num_workers})
+
+    def check_resume(self, previous: dict[str, Any], plan: TrainingPlan) -> None:
+        config = self.config
         if previous.get("num_workers", config.num_workers) != config.num_workers:
             raise ConfigError(f"cannot resume run {config.run_name!r} with {config.num_workers} workers: it was "
                               f"started with {previous['num_workers']} (each rank's data position is its own)")
-        print(f"{STAGE}: run {config.run_name!r} exists; resuming from its latest checkpoint", flush=True)
-    return previous
+
+    def summary_rows(self, export: Manifest) -> list[tuple[str, Any]]:
+        metrics, vae = export.extra.get("metrics", {}), export.models["vae"]
+        skipped = {k[len("skipped_"):]: v for k, v in export.counts.items()
+                   if k.startswith("skipped_") and k != "skipped_steps"}
+        return [("images seen", export.counts.get("samples_seen", 0)),
+                ("samples left out (rank 0, first epoch)", skipped or "none"),
+                ("held-out PSNR / SSIM",
+                 f"{metrics.get('psnr', float('nan')):.2f} dB / {metrics.get('ssim', float('nan')):.4f}"),
+                ("latent", f"{vae['latent_channels']} channels, downsample {vae['downsample']}"),
+                ("scaling factor (1/std)", f"{vae['scaling_factor']:.5f}")]
+
+    def result_metrics(self, export: Manifest, fit_result: Any) -> dict[str, Any]:
+        """The held-out PSNR / SSIM of the export."""
+        return dict(export.extra.get("metrics", {}))
 
 
-def run(config: AutoencoderTrainConfig) -> AutoencoderResult:
-    from pipelines.runtime import init_ray
-
-    work = plan(config)
-    config.run_name = config.run_name or default_run_name("autoencoder")
-    config.storage_path = _absolute_storage(config.storage_path)
-    where = init_ray(trains=True)
-    run_storage.check_storage(config.storage_path, _node_addresses(), config.storage_is_shared)
-    previous = _check_previous(config, work["digest"])
-    resolved = config_to_dict(config)
-    export_uri = run_storage.export_dir(config.storage_path, config.run_name)
-    started = time.time()
-    with StageRun(STAGE, run_name=config.run_name, run_id=(previous or {}).get("mlflow_run_id"),
-                  enabled=config.mlflow) as tracking:
-        if previous is None:
-            run_storage.write_run_state(config.storage_path, config.run_name, {
-                "mlflow_run_id": tracking.run_id, "data_dir": config.data, "num_workers": config.num_workers,
-                "data_manifest_sha256": work["digest"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            tracking.log_params({**resolved, "derived": {"global_batch": config.global_batch,
-                                                         "held_out": len(work["val_keys"])}})
-            tracking.log_manifest(config.data, work["digest"], "input")
-        _fit(config, work, {"config": resolved, "rank_shards": work["rank_shards"], "val_keys": work["val_keys"],
-                            "val_images": work["val_images"], "data_digest": work["digest"],
-                            "mlflow_run_id": tracking.run_id,
-                            "tracking_uri": tracking_uri() if config.mlflow else None,  # tracking_uri() makes ./mlruns
-                            "export_uri": export_uri})
-        export = read_manifest(export_uri, stage=STAGE)
-        tracking.set_tags({"latentforge.export_uri": export_uri})
-        tracking.log_manifest(export_uri, manifest_digest(export_uri), "output", name=f"{config.run_name}-export")
-    return _result(config, export, export_uri, tracking.run_id, where, time.time() - started)
-
-
-def _fit(config: AutoencoderTrainConfig, work: dict[str, Any], loop_config: dict[str, Any]) -> None:
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        autoencoder_worker, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name=config.run_name, storage_path=config.storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=config.max_failures)))
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise RuntimeError(f"training failed after {config.max_failures} restart(s): {exc}") from exc
-
-
-def _result(config: AutoencoderTrainConfig, export: Any, export_uri: str, run_id: str | None, where: str,
-            seconds: float) -> AutoencoderResult:
-    metrics = dict(export.extra.get("metrics", {}))
-    vae = export.models["vae"]
-    skipped = {k[len("skipped_"):]: v for k, v in export.counts.items()
-               if k.startswith("skipped_") and k != "skipped_steps"}
-    rows = [("run", config.run_name), ("where", where), ("workers", config.num_workers),
-            ("steps", export.extra["step"]), ("skipped steps (non-finite)", export.counts.get("skipped_steps", 0)),
-            ("images seen", export.counts.get("samples_seen", 0)),
-            ("samples left out (rank 0, first epoch)", skipped or "none"),
-            ("held-out PSNR / SSIM", f"{metrics.get('psnr', float('nan')):.2f} dB / {metrics.get('ssim', float('nan')):.4f}"),
-            ("latent", f"{vae['latent_channels']} channels, downsample {vae['downsample']}"),
-            ("scaling factor (1/std)", f"{vae['scaling_factor']:.5f}"),
-            ("wall time", f"{seconds:,.0f} s"), ("export", export_uri), ("mlflow run", run_id or "-")]
-    return AutoencoderResult(run_name=config.run_name, export_uri=export_uri, mlflow_run_id=run_id,
-                             step=int(export.extra["step"]), metrics=metrics, summary=summary_table(STAGE, rows))
+def run(config: AutoencoderTrainConfig) -> TrainResult:
+    """Train the autoencoder with the shared Ray Train driver."""
+    return run_training(AutoencoderKind(config))
 
 
 # ---------------------------------------------------------------------------------------------
 # Worker
 # ---------------------------------------------------------------------------------------------
 
-class AutoencoderWorkerRun:
-    """One attempt of one rank: set-up (with resume), the step loop, evaluation and the export."""
+class AutoencoderWorker(TrainingWorker):
+    """The autoencoder's part of one attempt of one rank: its stream, step, evaluation and export."""
+
+    stage = STAGE
+    config_cls = AutoencoderTrainConfig
+    evaluates_in_finish = True  # the last step's evaluation is the export's
 
     def __init__(self, loop_config: dict[str, Any]) -> None:
-        import ray.train
-        from accelerate import Accelerator
-
         from latentforge.autoencoder.loop import AutoencoderTrainer
-        from latentforge.training.loop import CheckpointPolicy
 
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        self.rank = ray.train.get_context().get_world_rank()
-        self.loop_config = loop_config
-        self.config = config = from_dict(AutoencoderTrainConfig, loop_config["config"])
-        if loop_config.get("tracking_uri"):
-            os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not config.use_gpu)
-        self.trainer = AutoencoderTrainer(config, self.accelerator, self.rank)
+        super().__init__(loop_config)
+        self.trainer = AutoencoderTrainer(self.config, self.accelerator, self.rank)
         self.stream = self._stream(None)
-        self.policy = CheckpointPolicy(config.checkpoint_every, config.steps)
-        self.mlflow_run_id = loop_config.get("mlflow_run_id")
-        self.tracking: StageRun | None = None
-        self.metrics_logger: AsyncMetricLogger | None = None
-        self.resumes = 0
 
     def _stream(self, position: aedata.StreamPosition | None) -> aedata.ImageStream:
         config = self.config
         return aedata.ImageStream(config.data, self.loop_config["rank_shards"][self.rank], config.resolution,
                                   config.resize_filter, config.seed, self.rank, self.loop_config["val_keys"], position)
 
-    def resume(self) -> None:
-        import ray.train
-
-        from latentforge.training.checkpoint import CheckpointError
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as directory:
-            try:
-                state, rank_state = self.trainer.load(directory)
-            except CheckpointError as exc:
-                raise RuntimeError(f"cannot resume from {checkpoint.path}: {exc}") from exc
+    def read_checkpoint(self, directory: str) -> dict[str, Any]:
+        state, rank_state = self.trainer.load(directory)
         self.stream = self._stream(aedata.StreamPosition(**rank_state["position"]))
-        self.mlflow_run_id = state.get("mlflow_run_id") or self.mlflow_run_id
-        self.resumes = int(state.get("resumes", 0)) + 1
-        if self.rank == 0:
-            say(f"{STAGE}: resumed from {checkpoint.path} at step {self.trainer.step}")
+        return state
 
-    def open_tracking(self) -> None:
-        """Rank 0 only: reattach the driver's MLflow run (the driver ends it)."""
-        if self.rank == 0 and self.mlflow_run_id:
-            self.tracking = StageRun(STAGE, run_id=self.mlflow_run_id).__enter__()
-            self.metrics_logger = AsyncMetricLogger(self.tracking)
+    def write_checkpoint(self, directory: str, state: dict[str, Any]) -> None:
+        self.trainer.save(directory, state, {"position": self.stream.position.to_dict()}, write_shared=self.rank == 0)
 
-    def train(self) -> None:
-        config = self.config
-        while self.trainer.step < config.steps:
-            result = self.trainer.train_step(self.stream.next_batch(config.batch_size))
-            if self.metrics_logger is not None:
-                self.metrics_logger.log({"loss": result.global_loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                                         **{f"loss/{k}": v for k, v in self.trainer.last_terms.items()}},
-                                        step=result.step)
-            if self.rank == 0 and (result.step % config.log_every == 0 or result.step == config.steps):
-                say(f"{STAGE}: step {result.step}/{config.steps} | loss {result.global_loss:.4f} | "
-                    f"lr {result.lr:.2e} | skipped {self.trainer.skipped_steps}")
-            if self.policy.should_save(result.step, result.skipped):
-                self.save_checkpoint({"step": result.step, "loss": result.global_loss})
-            # The last step's evaluation is the export's (finish), not repeated here.
-            if self.rank == 0 and config.eval_every and result.step % config.eval_every == 0 \
-                    and result.step < config.steps:
-                self.evaluate()
+    def train_step(self) -> Any:
+        result = self.trainer.train_step(self.stream.next_batch(self.config.batch_size))
+        if self.metrics_logger is not None:
+            self.metrics_logger.log({"loss": result.global_loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                                     **{f"loss/{k}": v for k, v in self.trainer.last_terms.items()}}, step=result.step)
+        return result
 
-    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        import ray.train
-        from ray.train import Checkpoint
+    def log_progress(self, result: Any) -> None:
+        say(f"{STAGE}: step {result.step}/{self.config.steps} | loss {result.global_loss:.4f} | "
+            f"lr {result.lr:.2e} | skipped {self.trainer.skipped_steps}")
 
-        directory = tempfile.mkdtemp(prefix=f"lf-ae-ckpt-r{self.rank}-")
-        try:
-            self.trainer.save(directory, {"mlflow_run_id": self.mlflow_run_id, "resumes": self.resumes,
-                                          "config": self.loop_config["config"]},
-                              {"position": self.stream.position.to_dict()}, write_shared=self.rank == 0)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Rank 0: PSNR / SSIM of the held-out reconstructions, and their grid as an MLflow artifact."""
         from latentforge.autoencoder.losses import reconstruction_grid, reconstruction_metrics
 
-        images, step = self.loop_config["val_images"], self.trainer.step
+        images = self.loop_config["val_images"]
         if not len(images):
             return {}
         pixels, reconstructions = self.trainer.reconstruct(images, self.config.batch_size)
@@ -271,16 +167,12 @@ class AutoencoderWorkerRun:
         say(f"{STAGE}: held-out at step {step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
         return metrics
 
-    def finish(self) -> None:
-        """Rank 0: final evaluation, the scaling factor measured on the data, the export."""
-        if self.rank == 0:
-            self._export(self.evaluate())
-        self.accelerator.wait_for_everyone()
-
-    def _export(self, metrics: dict[str, float]) -> None:
+    def export(self, last: Any, steps_done: int, elapsed: float) -> None:
+        """The final evaluation, the scaling factor measured on the data, the export."""
         from latentforge.autoencoder.export_writer import measure_scaling_factor, write_autoencoder_export
 
         config, trainer, lc = self.config, self.trainer, self.loop_config
+        metrics = self.evaluate(trainer.step)
         # The order of a fresh stream: the same images on every (re)run, never held-out ones.
         sample = self._stream(None).next_batch(config.scale_samples)
         scaling_factor, std = measure_scaling_factor(trainer.vae, sample, config.seed, config.batch_size)
@@ -297,12 +189,3 @@ class AutoencoderWorkerRun:
         if self.metrics_logger is not None:
             self.metrics_logger.close()
         say(f"{STAGE}: finished at step {trainer.step}; scaling factor {scaling_factor:.5f}; export at {lc['export_uri']}")
-
-
-def autoencoder_worker(loop_config: dict[str, Any]) -> None:
-    """The function Ray Train runs on every worker."""
-    run = AutoencoderWorkerRun(loop_config)
-    run.resume()
-    run.open_tracking()
-    run.train()
-    run.finish()

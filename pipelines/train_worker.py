@@ -1,7 +1,9 @@
 """The Ray Train worker of the train stage: Accelerate + DiffusionTrainer over its own data stream.
 
-`pipelines.train.run` (the driver) hands `train_worker` to `TorchTrainer`; see that module's
-docstring for the whole graph and how exact resume works.
+`DiffusionWorker` is the UNet's (base or upscaler) part of the shared worker skeleton
+(`pipelines.ray_train_worker.TrainingWorker`): its trainer, its data feeder, its step, its
+validation / in-training eval and its export. `pipelines.train` (the driver's `UNetKind`) hands
+`train_worker` to `TorchTrainer`; see that module's docstring for the whole graph and exact resume.
 """
 
 from __future__ import annotations
@@ -10,32 +12,21 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
 
 from latentforge.conditioning.spec import ConditionSet
-from latentforge.config import from_dict
 from latentforge.evaluation.in_training import EvalFailures
 from latentforge.manifest import Manifest
-from latentforge.tracking import AsyncMetricLogger, StageRun
+from latentforge.tracking import AsyncMetricLogger
 from latentforge.training import data as tdata
 from latentforge.training.config import TrainConfig
 from latentforge.training.feeder import BatchFeeder, decode_sample
 from latentforge.upscaler.training import upscaler_setup
+from pipelines.ray_train_worker import Throughput, TrainingWorker, memory_gb, run_worker, say
 
 log = logging.getLogger("latentforge.train")
-
-
-def say(message: str) -> None:
-    """A line on the driver's console, once.
-
-    Ray Train patches `print` in workers to log to the root logger as well as (when stdout is
-    wrapped) print; with this worker's logging handler that showed every line twice.
-    """
-    sys.__stdout__.write(message + "\n")
-    sys.__stdout__.flush()
 
 
 def report_window(window: dict[str, float], result: Any, trainer: Any, config: TrainConfig, epoch: int,
@@ -52,7 +43,7 @@ def report_window(window: dict[str, float], result: Any, trainer: Any, config: T
           f"{rate:,.1f} samples/s | data wait {100 * wait_share:.1f} % | skipped {trainer.skipped_steps} | "
           f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}")
     if metrics_logger is not None:
-        metrics_logger.log({"data_wait_share": wait_share, "memory_gb": _memory_gb(device),
+        metrics_logger.log({"data_wait_share": wait_share, "memory_gb": memory_gb(device),
                             "skipped_steps": trainer.skipped_steps, "epoch": epoch}, step=result.step)
 
 
@@ -64,19 +55,6 @@ def _weights_digest(model: Any) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _memory_gb(device: Any) -> float:
-    import torch
-
-    if getattr(device, "type", "cpu") == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**30
-    except ImportError:  # pragma: no cover
-        return 0.0
 
 
 class _Trace:
@@ -156,174 +134,112 @@ def evaluate_step(trainer: Any, step: int, val_batches: list[dict[str, Any]], ev
     return metrics, artifact_pool
 
 
-class WorkerRun:
-    """One attempt of one rank: set-up (with resume), the step loop, and the final export."""
+class DiffusionWorker(TrainingWorker):
+    """The UNet's (base or upscaler) part of one attempt of one rank: see the module docstring."""
+
+    stage = "train"
+    config_cls = TrainConfig
 
     def __init__(self, loop_config: dict[str, Any]) -> None:
-        import ray.train
-        from accelerate import Accelerator
+        from latentforge.training.loop import DiffusionTrainer
 
-        from latentforge.training.loop import CheckpointPolicy, DiffusionTrainer
-
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        ctx = ray.train.get_context()
-        self.rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        self.loop_config = loop_config
-        self.config = config = from_dict(TrainConfig, loop_config["config"])
-        if loop_config.get("tracking_uri"):
-            os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
+        super().__init__(loop_config)
+        config = self.config
         self.manifest = Manifest(**loop_config["manifest"])
         self.plan = tdata.DataPlan(**loop_config["plan"])
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not config.use_gpu)
-        if self.accelerator.num_processes != world:
-            raise RuntimeError(f"Accelerate sees {self.accelerator.num_processes} processes, Ray Train started {world}")
         self.empty_text = tdata.read_empty_caption(config.data, self.manifest)
         self.trainer = DiffusionTrainer(config, loop_config["unet_config"], self.accelerator, self.empty_text,
                                         self.manifest.extra.get("latent", "mean"), self.rank,
                                         ConditionSet.from_manifest(self.manifest))
         self.upscaler = upscaler_setup(config, self.manifest) if config.stage == "upscaler" else None
-        self.mlflow_run_id = loop_config.get("mlflow_run_id")
         self.trace = _Trace(config.trace_dir, self.rank)
-        self.policy = CheckpointPolicy(config.checkpoint_every, config.steps)
-        self.resumes = 0
-        self.run = self.metrics_logger = self.evaluator = self.artifact_pool = None
+        self.feeder: BatchFeeder | None = None
+        self.evaluator = self.artifact_pool = None
         self.eval_failures = EvalFailures()
         self.val_batches: list[dict[str, Any]] = []
-        self.window = self._new_window()
-        self.totals = {"time": 0.0, "wait": 0.0, "samples": 0}
-
-    @staticmethod
-    def _new_window() -> dict[str, float]:
-        return {"time": 0.0, "wait": 0.0, "samples": 0, "steps": 0}
+        self.throughput = Throughput()
+        self.epoch = 0
 
     @property
     def dtype(self) -> str:
         return self.manifest.extra.get("dtype", "fp32")
 
     # -- set-up ------------------------------------------------------------------------------------
-    def resume(self) -> None:
-        """Load Ray Train's latest checkpoint, if any: weights, optimizer, step, RNG, MLflow run id."""
-        import ray.train
-
-        from latentforge.training.checkpoint import CheckpointError
-
-        checkpoint = ray.train.get_checkpoint()
-        resumed_from = None
-        if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                try:
-                    state = self.trainer.load(directory)
-                except CheckpointError as exc:
-                    raise RuntimeError(f"cannot resume from {checkpoint.path}: {exc}") from exc
-            tdata.check_same_plan(state["data_plan"], self.plan)
-            self.mlflow_run_id = state.get("mlflow_run_id") or self.mlflow_run_id
-            self.resumes = int(state.get("resumes", 0)) + 1
-            resumed_from = self.trainer.step
-            if self.rank == 0:
-                say(f"train: resumed from {checkpoint.path} at step {self.trainer.step}")
+    def resume(self) -> int | None:
+        resumed_from = super().resume()
         self.trace.write(event="start", pid=os.getpid(), resumed_from=resumed_from)
+        return resumed_from
 
-    def open_rank0_services(self) -> None:
-        """Rank 0 only: reattach the MLflow run, load the validation batches, start the evaluator."""
-        if self.rank != 0:
+    def read_checkpoint(self, directory: str) -> dict[str, Any]:
+        state = self.trainer.load(directory)
+        tdata.check_same_plan(state["data_plan"], self.plan)
+        return state
+
+    def write_checkpoint(self, directory: str, state: dict[str, Any]) -> None:
+        epoch, position = self.plan.position_of(self.trainer.step)
+        self.trainer.save(directory, {
+            "epoch": epoch, "position": position, "data_plan": self.plan.to_dict(), **state,
+            "data_dir": self.config.data, "data_manifest_sha256": self.loop_config["data_digest"],
+        }, write_shared=self.rank == 0)
+
+    def open_services(self) -> None:
+        """Rank 0: load the validation batches, start the evaluator."""
+        if self.config.eval_every <= 0:
             return
-        if self.config.mlflow and self.mlflow_run_id:  # a checkpoint may name a run; --no-mlflow wins
-            self.run = StageRun("train", run_id=self.mlflow_run_id)
-            self.run.__enter__()  # reattach only; the driver ends the run
-            self.metrics_logger = AsyncMetricLogger(self.run)
-        if self.config.eval_every > 0:
-            if self.plan.val_samples:
-                rows = tdata.read_positions(self.config.data, self.plan, self.plan.val_positions())
-                transform = self.upscaler.transform if self.upscaler else None
-                samples = [decode_sample(r, self.dtype, 0, transform) for r in rows]
-                size = self.config.batch_size
-                self.val_batches = [tdata.collate(samples[i:i + size], self.empty_text.shape[0])
-                                    for i in range(0, len(samples), size)]
-            self.evaluator = _eval_hook(self.config, self.manifest, self.accelerator.device,
-                                        self.trainer.noise_scheduler.config)
+        if self.plan.val_samples:
+            rows = tdata.read_positions(self.config.data, self.plan, self.plan.val_positions())
+            transform = self.upscaler.transform if self.upscaler else None
+            samples = [decode_sample(r, self.dtype, 0, transform) for r in rows]
+            size = self.config.batch_size
+            self.val_batches = [tdata.collate(samples[i:i + size], self.empty_text.shape[0])
+                                for i in range(0, len(samples), size)]
+        self.evaluator = _eval_hook(self.config, self.manifest, self.accelerator.device,
+                                    self.trainer.noise_scheduler.config)
 
-    def _feeder(self) -> BatchFeeder:
+    def open_data(self) -> None:
         import ray.train
 
         config = self.config
         epoch, position = self.plan.position_of(self.trainer.step)
-        return BatchFeeder(ray.train.get_dataset_shard(f"train_rank{self.rank}"), self.plan, self.rank, epoch,
-                           position, config.batch_size, self.dtype,
-                           self.empty_text.shape[0] if config.cfg_dropout > 0 else 1,
-                           batches=(config.steps - self.trainer.step) * config.grad_accum,
-                           transform=self.upscaler.transform if self.upscaler else None)
+        self.feeder = BatchFeeder(ray.train.get_dataset_shard(f"train_rank{self.rank}"), self.plan, self.rank, epoch,
+                                  position, config.batch_size, self.dtype,
+                                  self.empty_text.shape[0] if config.cfg_dropout > 0 else 1,
+                                  batches=(config.steps - self.trainer.step) * config.grad_accum,
+                                  transform=self.upscaler.transform if self.upscaler else None)
+
+    def close_data(self) -> None:
+        if self.feeder is not None:
+            self.feeder.close()
 
     # -- the loop ----------------------------------------------------------------------------------
-    def train(self) -> Any:
-        """Steps until config.steps; returns the last StepResult (None if nothing was left to do)."""
-        if self.trainer.step >= self.config.steps:
-            return None
-        feeder = self._feeder()
-        last = None
-        try:
-            while self.trainer.step < self.config.steps:
-                last, epoch = self._step(feeder)
-                self._after_step(last, epoch)
-        finally:
-            feeder.close()
-        return last
-
-    def _step(self, feeder: BatchFeeder) -> tuple[Any, int]:
-        """One optimizer step over grad_accum batches; returns its StepResult and the data epoch."""
+    def train_step(self) -> Any:
+        """One optimizer step over grad_accum batches; returns its StepResult (the data epoch in self.epoch)."""
         step_start = time.perf_counter()
         micro, wait, keys = [], 0.0, []
         for _ in range(self.config.grad_accum):
-            epoch, batch, waited = feeder.get()
+            self.epoch, batch, waited = self.feeder.get()
             micro.append(batch)
             keys.extend(batch["keys"])
             wait += waited
         result = self.trainer.train_step(micro)
         step_time = time.perf_counter() - step_start
-        for bucket in (self.window, self.totals):
-            bucket["time"] += step_time
-            bucket["wait"] += wait
-            bucket["samples"] += self.config.global_batch
-        self.window["steps"] += 1
-        self.trace.write(event="step", step=result.step, epoch=epoch, loss=result.loss.hex(), skipped=result.skipped,
-                         keys=keys, step_time=step_time, wait=wait, t=time.time())
+        self.throughput.add(step_time, wait, self.config.global_batch)
+        self.trace.write(event="step", step=result.step, epoch=self.epoch, loss=result.loss.hex(),
+                         skipped=result.skipped, keys=keys, step_time=step_time, wait=wait, t=time.time())
         if self.metrics_logger is not None:
             self.metrics_logger.log({
                 "loss": result.global_loss, "lr": result.lr, "grad_norm": result.grad_norm,
                 "samples_per_s": self.config.global_batch / step_time, "step_time_s": step_time}, step=result.step)
-        return result, epoch
+        return result
 
-    def _after_step(self, result: Any, epoch: int) -> None:
-        config = self.config
-        if self.rank == 0 and (result.step % config.log_every == 0 or result.step == config.steps):
-            report_window(self.window, result, self.trainer, config, epoch, self.metrics_logger,
-                          self.accelerator.device)
-            self.window = self._new_window()
-        if self.policy.should_save(result.step, result.skipped):  # never right after a skipped step
-            self.save_checkpoint({"step": result.step, "loss": result.global_loss})
-        if self.rank == 0 and config.eval_every > 0 and result.step % config.eval_every == 0:
-            self._evaluate(result.step)
+    def log_progress(self, result: Any) -> None:
+        report_window(self.throughput.window, result, self.trainer, self.config, self.epoch, self.metrics_logger,
+                      self.accelerator.device)
+        self.throughput.new_window()
 
-    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        directory = tempfile.mkdtemp(prefix=f"lf-ckpt-r{self.rank}-")
-        try:
-            epoch, position = self.plan.position_of(self.trainer.step)
-            self.trainer.save(directory, {
-                "epoch": epoch, "position": position, "data_plan": self.plan.to_dict(),
-                "mlflow_run_id": self.mlflow_run_id, "resumes": self.resumes, "config": self.loop_config["config"],
-                "data_dir": self.config.data, "data_manifest_sha256": self.loop_config["data_digest"],
-            }, write_shared=self.rank == 0)
-            if self.metrics_logger is not None:  # a restart from here never re-runs (re-logs) the steps before
-                self.metrics_logger.flush()
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def _evaluate(self, step: int) -> None:
-        metrics, self.artifact_pool = evaluate_step(self.trainer, step, self.val_batches, self.evaluator, self.run,
-                                                    self.artifact_pool, self.eval_failures)
+    def evaluate(self, step: int) -> None:
+        metrics, self.artifact_pool = evaluate_step(self.trainer, step, self.val_batches, self.evaluator,
+                                                    self.tracking, self.artifact_pool, self.eval_failures)
         if metrics:
             if self.metrics_logger is not None:
                 self.metrics_logger.log(metrics, step=step)
@@ -331,28 +247,26 @@ class WorkerRun:
 
     # -- the end -----------------------------------------------------------------------------------
     def finish(self, last: Any, steps_done: int, elapsed: float) -> None:
-        """Final trace, and on rank 0 the export (EMA UNet + manifest) and the tracking flush."""
-        trainer, totals = self.trainer, self.totals
-        summary = {
-            "final_loss": last.global_loss if last is not None else float("nan"),
-            "samples_per_s": totals["samples"] / totals["time"] if totals["time"] else 0.0,
-            "data_wait_share": totals["wait"] / totals["time"] if totals["time"] else 0.0,
-            "steps_this_attempt": steps_done, "seconds_this_attempt": elapsed,
-            "skipped_steps": trainer.skipped_steps, "resumes": self.resumes, "optimizer": trainer.optimizer_kind,
-            "eval_failures": self.eval_failures.count, "eval_last_failure": self.eval_failures.last,
-        }
+        """Every rank's final trace (weights digests), then the export on rank 0."""
+        trainer = self.trainer
         if self.trace.path:
             self.trace.write(event="final", step=trainer.step, weights_sha256=_weights_digest(trainer.raw_model),
                              ema_sha256=_weights_digest(trainer.export_model()) if trainer.ema is not None else None)
-        if self.rank == 0:
-            self._export(summary)
-        self.accelerator.wait_for_everyone()
+        super().finish(last, steps_done, elapsed)
 
-    def _export(self, summary: dict[str, Any]) -> None:
+    def export(self, last: Any, steps_done: int, elapsed: float) -> None:
+        """The EMA UNet + manifest, with this attempt's summary; after the tracking flush."""
         from latentforge.training.export_writer import write_export
 
         trainer, lc = self.trainer, self.loop_config
-        summary["metrics_dropped"] = self._flush_tracking()
+        summary = {
+            "final_loss": last.global_loss if last is not None else float("nan"),
+            "samples_per_s": self.throughput.mean_rate(), "data_wait_share": self.throughput.wait_share(),
+            "steps_this_attempt": steps_done, "seconds_this_attempt": elapsed,
+            "skipped_steps": trainer.skipped_steps, "resumes": self.resumes, "optimizer": trainer.optimizer_kind,
+            "eval_failures": self.eval_failures.count, "eval_last_failure": self.eval_failures.last,
+            "metrics_dropped": self._flush_tracking(),
+        }
         write_export(lc["export_uri"], trainer.export_model(), trainer.noise_scheduler, self.config.data,
                      lc["data_digest"], self.manifest, lc["config"], trainer.step, self.mlflow_run_id,
                      counts={"steps": trainer.step, "skipped_steps": trainer.skipped_steps,
@@ -381,9 +295,4 @@ class WorkerRun:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The function Ray Train runs on every worker."""
-    run = WorkerRun(loop_config)
-    run.resume()
-    run.open_rank0_services()
-    start_step, started = run.trainer.step, time.perf_counter()
-    last = run.train()
-    run.finish(last, run.trainer.step - start_step, time.perf_counter() - started)
+    run_worker(DiffusionWorker, loop_config)

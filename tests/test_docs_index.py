@@ -24,19 +24,6 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 CODE_PATH = re.compile(r"`((?:platform/latentforge|pipelines|jobs|tests)/[\w/.]*?)`")
 DOTTED = re.compile(r"\blatentforge(?:\.\w+)+")
 
-# Modules docs/architecture.md describes that issue #21's other branches are creating. The
-# coordinator empties this set once those branches are merged; an entry that exists already fails
-# `test_pending_modules_do_not_exist_yet`, so the set cannot go stale.
-PENDING = {
-    "pipelines/ray_train_driver.py",
-    "pipelines/ray_train_worker.py",
-    "latentforge.training.options",
-    "latentforge.training.options.OptimizerOptions",
-    "latentforge.training.options.ClusterOptions",
-    "latentforge.training.options.CheckpointOptions",
-}
-# Packages issue #21 renames away (export -> conversion): still here until the rename is merged.
-PENDING_REMOVAL: set[str] = set()
 # Dotted names in the page that are MLflow tags, not modules.
 TAGS = {"latentforge.stage", "latentforge.export_uri"}
 
@@ -110,15 +97,8 @@ def exists(name: str) -> bool:
 def test_architecture_names_only_modules_that_exist() -> None:
     names = named_modules()
     assert "latentforge.tracking" in names and "pipelines/train.py" in names, "the name patterns found nothing"
-    missing = [name for name in names if name not in PENDING | TAGS and not exists(name)]
+    missing = [name for name in names if name not in TAGS and not exists(name)]
     assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
-
-
-def test_pending_modules_do_not_exist_yet() -> None:
-    arrived = sorted(name for name in PENDING if exists(name))
-    assert not arrived, f"these exist now: remove them from PENDING in tests/test_docs_index.py: {arrived}"
-    gone = sorted(name for name in PENDING_REMOVAL if (REPO / "platform" / "latentforge" / name).is_dir())
-    assert gone == sorted(PENDING_REMOVAL), f"renamed away now: empty PENDING_REMOVAL of {set(PENDING_REMOVAL) - set(gone)}"
 
 
 def described_subpackages() -> set[str]:
@@ -129,10 +109,10 @@ def described_subpackages() -> set[str]:
 
 def test_architecture_describes_every_library_module() -> None:
     library = REPO / "platform" / "latentforge"
-    packages = {p.parent.name for p in library.glob("*/__init__.py")} - PENDING_REMOVAL
+    packages = {p.parent.name for p in library.glob("*/__init__.py")}
     undescribed = sorted(packages - described_subpackages())
     assert not undescribed, f"add these subpackages to docs/architecture.md's table: {undescribed}"
-    unknown = sorted(name for name in described_subpackages() - packages if f"latentforge.{name}" not in PENDING)
+    unknown = sorted(name for name in described_subpackages() - packages)
     assert not unknown, f"docs/architecture.md's table describes subpackages that do not exist: {unknown}"
     modules = {f"latentforge.{p.stem}" for p in library.glob("*.py") if p.stem != "__init__"}
     unnamed = sorted(modules - set(named_modules()))

@@ -8,12 +8,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
-# Functions over the limit that another change is rewriting (the shared Ray Train skeleton shortens
-# pipelines/train*.py): "path:name" of each. The coordinator empties this set once that change is merged;
-# an entry that is no longer long fails the test, so the set cannot go stale.
-KNOWN_LONG = {
-    "pipelines/train.py:run",
-}
 
 
 def _functions() -> list[tuple[str, int, int]]:
@@ -35,11 +29,6 @@ def test_the_scan_sees_the_drivers() -> None:
 
 def test_no_function_in_pipelines_or_jobs_is_over_the_limit() -> None:
     offenders = [f"{key.split(':')[0]}:{line} {key.split(':')[1]} is {length} lines"
-                 for key, line, length in _functions() if length > MAX_LINES and key not in KNOWN_LONG]
+                 for key, line, length in _functions() if length > MAX_LINES]
     assert not offenders, f"over {MAX_LINES} lines (split into named steps):\n" + "\n".join(offenders)
 
-
-def test_known_long_entries_are_still_long() -> None:
-    long = {key for key, _, length in _functions() if length > MAX_LINES}
-    stale = sorted(KNOWN_LONG - long)
-    assert not stale, f"no longer over {MAX_LINES} lines (or gone): remove from KNOWN_LONG: {stale}"

@@ -85,13 +85,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("jobs", "benchmarks"),
 ]
 
-KNOWN_CYCLES: list[list[str]] = []
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
-    # (importing module, private name): being made public on another branch (the train helper);
-    # emptied by the coordinator after the merge.
-    ("pipelines.train_autoencoder", "_absolute_storage"),
-    ("pipelines.train_autoencoder", "_node_addresses"),
-}
 
 
 @functools.cache
@@ -107,19 +100,13 @@ def test_no_module_imports_from_a_layer_above_its_own() -> None:
 def test_no_import_circles() -> None:
     graph = _graph()
     found = cycles(graph)
-    unknown = [c for c in found if c not in KNOWN_CYCLES]
-    report = "\n".join(f"{' <-> '.join(c)}:\n  " + "\n  ".join(cycle_edges(graph, c)) for c in unknown)
-    assert not unknown, f"import circles (module-level and in-function imports both count):\n{report}"
-    stale = [c for c in KNOWN_CYCLES if c not in found]
-    assert not stale, f"these circles are gone: remove them from KNOWN_CYCLES: {stale}"
+    report = "\n".join(f"{' <-> '.join(c)}:\n  " + "\n  ".join(cycle_edges(graph, c)) for c in found)
+    assert not found, f"import circles (module-level and in-function imports both count):\n{report}"
 
 
 def test_no_module_imports_another_modules_private_names() -> None:
-    found = private_imports(_graph())
-    unknown = [where for source, name, where in found if (source, name) not in KNOWN_PRIVATE_IMPORTS]
-    assert not unknown, "private names used from another module:\n" + "\n".join(unknown)
-    stale = KNOWN_PRIVATE_IMPORTS - {(source, name) for source, name, _ in found}
-    assert not stale, f"these are gone: remove them from KNOWN_PRIVATE_IMPORTS: {sorted(stale)}"
+    found = [where for _source, _name, where in private_imports(_graph())]
+    assert not found, "private names used from another module:\n" + "\n".join(found)
 
 
 def _tree(root: Path, files: dict[str, str]) -> Graph:

@@ -158,6 +158,25 @@ def test_training_on_two_hosts_ends_with_the_weights_of_one_host(cluster, spread
     assert final_weights(tmp_path / "runs" / "trace" / "single", 0) == final_weights(spread_run[1] / "trace" / "spread", 0)
 
 
+def test_the_autoencoder_trains_across_hosts_with_their_own_addresses(cluster) -> None:
+    """The autoencoder's 2-worker SPREAD run: the same driver, so the same process group on each node's address."""
+    storage = cluster.shared / "ae-runs"
+    proc = submit(cluster, [str(REPO / "jobs" / "train_autoencoder.py"), "--preset", "tiny", "--data",
+                            str(cluster.shared / "ingest"), "--resolution", "16", "--steps", str(STEPS),
+                            "--batch-size", "4", "--num-workers", "2", "--placement-strategy", "SPREAD",
+                            "--cpus-per-worker", "2", "--storage-path", str(storage), "--storage-is-shared",
+                            "--run-name", "ae-spread", "--checkpoint-every", "2", "--eval-every", "0",
+                            "--val-samples", "2", "--scale-samples", "4", "--log-every", "1"])
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    pinned = pinned_interfaces(proc.stdout)
+    workers = sorted(cluster.hosts[h].address for h in ("host1", "host2"))
+    assert sorted(pinned) == workers, proc.stdout[-4000:]  # one worker on each worker host, on its address
+    assert set(pinned.values()) == {"eth0"}
+    export = json.loads((storage / "ae-spread" / "export" / "manifest.json").read_text())
+    assert export["extra"]["step"] == STEPS
+    assert export["counts"]["samples_seen"] == STEPS * 4 * 2  # both ranks' images: one DDP group over the hosts
+
+
 def drive(cluster: NetnsCluster, job_args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """A job's driver run directly on the head (what `ray job submit` runs there, without the supervisor)."""
     env = cluster.env(MLFLOW_TRACKING_URI=f"sqlite:///{cluster.shared / 'mlflow.db'}")

@@ -7,10 +7,11 @@ from typing import Literal, Optional
 
 from latentforge.config import ConfigError
 from latentforge.tracking import TrackingOptions
+from latentforge.training.options import CheckpointOptions, ClusterOptions, OptimizerOptions
 
 
 @dataclass
-class AutoencoderTrainConfig(TrackingOptions):
+class AutoencoderTrainConfig(CheckpointOptions, ClusterOptions, OptimizerOptions, TrackingOptions):
     """Train or fine-tune a diffusers AutoencoderKL on ingest shards with Ray Train + Accelerate."""
 
     data: str = ""
@@ -33,22 +34,6 @@ class AutoencoderTrainConfig(TrackingOptions):
     """Optimizer steps (the LR schedule spans exactly this many)."""
     batch_size: int = 16
     """Images per worker per step; global batch = batch_size * num_workers."""
-    lr: float = 1e-4
-    """Peak learning rate (AdamW), reached after warmup_steps, then cosine decay."""
-    warmup_steps: int = 0
-    """Linear LR warm-up steps."""
-    min_lr_ratio: float = 0.1
-    """Floor of the cosine decay as a fraction of lr."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
     l1_weight: float = 1.0
     """Weight of the pixel L1 reconstruction loss."""
     l2_weight: float = 0.0
@@ -86,52 +71,35 @@ class AutoencoderTrainConfig(TrackingOptions):
     """The reconstruction grid is upscaled by this factor (nearest) so small images are visible."""
     scale_samples: int = 256
     """Images encoded to measure the latent std for the exported scaling_factor (SD's 1/std rule)."""
+
+    # The sections' fields whose default (or meaning) differs here.
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine decay as a fraction of lr."""
     num_workers: int = 1
     """Ray Train workers (one per GPU with --use-gpu); shards are dealt round-robin to them."""
-    use_gpu: bool = False
-    """One GPU per worker."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per worker."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Accelerate mixed precision (fp16 needs --use-gpu)."""
     storage_path: str = "autoencoder_runs"
     """Where checkpoints and the export go: a local dir (single node, or shared) or an fsspec URI."""
-    storage_is_shared: bool = False
-    """Declare a local storage_path to be a shared filesystem mounted on every node (multi-node)."""
     run_name: str = ""
     """Run name (STORAGE/RUN_NAME); rerunning with the same name resumes. Empty = autoencoder-<timestamp>."""
-    checkpoint_every: int = 500
-    """Checkpoint every N steps (a final checkpoint is always written)."""
     keep_checkpoints: int = 2
     """Keep the last K checkpoints."""
-    max_failures: int = 2
-    """Worker-group restarts (from the last checkpoint) before the run fails."""
     log_every: int = 50
     """Progress line and loss terms to MLflow every N steps."""
 
-    def __post_init__(self) -> None:
-        for name in ("layers_per_block", "latent_channels", "norm_num_groups", "resolution", "steps", "batch_size",
-                     "scale_samples", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "grid_scale", "disc_layers", "disc_channels"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "l1_weight", "l2_weight", "kl_weight",
-                     "lpips_weight", "val_samples", "eval_every", "max_failures", "disc_weight", "disc_start",
-                     "disc_lr"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.cpus_per_worker <= 0:
-            raise ConfigError("lr and cpus_per_worker must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+    def validate(self) -> None:
+        super().validate()
+        self.check_at_least(1, "layers_per_block", "latent_channels", "norm_num_groups", "resolution", "steps",
+                            "batch_size", "scale_samples", "grid_scale", "disc_layers", "disc_channels")
+        self.check_at_least(0, "l1_weight", "l2_weight", "kl_weight", "lpips_weight", "val_samples", "eval_every",
+                            "disc_weight", "disc_start", "disc_lr")
         if self.l1_weight == 0 and self.l2_weight == 0:
             raise ConfigError("l1_weight and l2_weight are both 0: there would be no reconstruction loss")
         self._check_architecture()
         if self.discriminator and self.resolution < 2 ** (self.disc_layers + 1):
             raise ConfigError(f"disc_layers {self.disc_layers} need images of at least {2 ** (self.disc_layers + 1)} "
                               f"px, resolution is {self.resolution}")
-        if self.mixed_precision == "fp16" and not self.use_gpu:
-            raise ConfigError("mixed_precision fp16 needs --use-gpu (use bf16 or no on CPU)")
 
     def _check_architecture(self) -> None:
         if not self.block_out_channels or min(self.block_out_channels) < 1:

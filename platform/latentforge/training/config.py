@@ -9,10 +9,11 @@ from latentforge.config import ConfigError
 from latentforge.tracking import TrackingOptions
 from latentforge.trained_model import EXPORT_FORMATS
 from latentforge.upscaler import DEFAULT_MAX_NOISE_LEVEL
+from latentforge.training.options import CheckpointOptions, ClusterOptions, OptimizerOptions
 
 
 @dataclass
-class TrainConfig(TrackingOptions):
+class TrainConfig(CheckpointOptions, ClusterOptions, OptimizerOptions, TrackingOptions):
     """Train a latent-diffusion UNet on precomputed latents with Ray Train + Accelerate."""
 
     data: str = ""
@@ -25,24 +26,6 @@ class TrainConfig(TrackingOptions):
     """Micro-batch size per worker; global batch = batch_size * num_workers * grad_accum."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    lr: float = 1e-4
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 1e-2
-    """AdamW weight decay."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon."""
-    warmup_steps: int = 0
-    """Linear LR warm-up steps, then cosine decay to min_lr_ratio * lr at `steps`."""
-    min_lr_ratio: float = 0.0
-    """Floor of the cosine decay, as a fraction of lr."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Accelerate mixed precision: bf16 (GPU or CPU), fp16 (GPU only, with loss scaling) or no."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass (less memory, about 30 percent more compute)."""
     ema_decay: float = 0.9999
@@ -89,29 +72,6 @@ class TrainConfig(TrackingOptions):
     training worker's process)."""
     val_samples: int = 0
     """Samples held out (the last ones of the dataset) for the validation loss; 0 = none."""
-    num_workers: int = 1
-    """Ray Train workers (one per GPU with --use-gpu)."""
-    use_gpu: bool = False
-    """One GPU per worker."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per worker."""
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """Ray placement strategy for the workers."""
-    storage_path: str = "train_runs"
-    """Where checkpoints and the export go: a local dir (single node, or shared) or an fsspec URI."""
-    storage_is_shared: bool = False
-    """Declare a local storage_path to be a shared filesystem mounted on every node (multi-node)."""
-    run_name: str = ""
-    """Run name (STORAGE/RUN_NAME); rerunning with the same name resumes. Empty = train-<timestamp>."""
-    checkpoint_every: int = 500
-    """Checkpoint every N steps (a final checkpoint is always written)."""
-    keep_checkpoints: int = 3
-    """Keep the last K checkpoints."""
-    max_failures: int = 2
-    """Worker-group restarts (from the last checkpoint) before the run fails."""
-    log_every: int = 10
-    """Progress line on rank 0 every N steps; loss, lr, grad norm, samples/s and step time go to MLflow
-    every step, the data-wait share, memory, skipped steps and epoch once per N-step window."""
     eval_every: int = 0
     """Validation loss and in-training eval every N steps on rank 0 (0 = off)."""
     eval_prompts: list[str] = field(default_factory=list)
@@ -140,28 +100,14 @@ class TrainConfig(TrackingOptions):
     trace_dir: Optional[str] = None
     """Debug/test: each rank appends step, loss and sample keys as JSON lines under this directory."""
 
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "keep_checkpoints",
-                    "log_every", "shuffle_buffer", "read_concurrency", "num_train_timesteps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "cpus_per_worker"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "grad_clip", "snr_gamma", "offset_noise", "val_samples", "eval_every",
-                     "max_failures", "eval_num_fid_samples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("cfg_dropout", "condition_dropout"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+    def validate(self) -> None:
+        super().validate()
+        self.check_at_least(1, "steps", "batch_size", "grad_accum", "shuffle_buffer", "read_concurrency",
+                            "num_train_timesteps")
+        self.check_at_least(0, "snr_gamma", "offset_noise", "val_samples", "eval_every", "eval_num_fid_samples")
+        self.check_fraction("cfg_dropout", "condition_dropout")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.mixed_precision == "fp16" and not self.use_gpu:
-            raise ConfigError("mixed_precision fp16 needs --use-gpu (use bf16 or no on CPU)")
         self._check_eval()
         from latentforge.upscaler.training import check_options
 
