@@ -246,9 +246,13 @@ def test_cascade_scores_every_stage_at_its_resolution(stages, tmp_path, mlflow_s
     alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())["metrics"]
     assert {"fid_16px", "fid_32px", "clip_score_16px", "clip_score_32px"} <= set(cascade)
     assert all(0 <= cascade[f"clip_score_{size}px"] <= 100 for size in (16, 32))
-    # The base stage of the cascade is the base evaluated alone (same captions and seeds): same images.
+    # The base stage of the cascade is the base evaluated alone (same captions and seeds): same images. Two
+    # callers reach txt2img here (score_cascade, score_sampler), so what holds is the per-seed promise of
+    # docs/architecture.md "Reproducibility": within one uint8 level (1/255) per pixel, not bit for bit.
     assert cascade["clip_score_16px"] == pytest.approx(alone["clip_score"], abs=1e-4)
-    assert np.array_equal(_pixels(tmp_path / "cascade" / "grid_16px.png"), _pixels(tmp_path / "alone" / "grid.png"))
+    grid_16px, grid_alone = (_pixels(tmp_path / d / name).astype(int) for d, name in (("cascade", "grid_16px.png"),
+                                                                                     ("alone", "grid.png")))
+    assert grid_16px.shape == grid_alone.shape and np.abs(grid_16px - grid_alone).max() <= 1
     # Both grids show their tiles at 128 px: the 16 px samples enlarged x8, the 32 px ones x4.
     scales = {name: read_png_meta(str(tmp_path / "cascade" / name))["display_scale"] for name in ("grid_16px.png",
                                                                                                  "grid_32px.png")}
@@ -269,4 +273,3 @@ def test_cascade_scores_every_stage_at_its_resolution(stages, tmp_path, mlflow_s
         resized = pixels if size == 32 else bicubic_upsample(pixels, size)
         direct = inception.accumulate([to_uint8(to_pixels(resized))])
         assert stats.n == 2 and np.allclose(stats.mean, direct.mean, atol=1e-5)
-

@@ -79,5 +79,10 @@ def test_no_flags_job_records_its_choice_and_writes_the_same_bytes(data, ray_ses
     assert f"{int(cpus)} x (0.5 CPU slot, 1 torch thread(s)), auto" in summary
     flags = read_manifest(str(tmp_path / "flags")).extra["encoder_actors"]
     assert (flags["count"], flags["num_cpus"], flags["chosen"]) == (1, 1.0, "flags")
+    # Byte-identical by construction, the first promise of docs/architecture.md "Reproducibility": the
+    # layouts differ only in which actor encodes which batch, and every encoder batch is the same rows of
+    # one shard (pipelines/precompute.read_shards pads each shard to whole batches) encoded by the same
+    # code with the same torch thread count, on this machine.
+    assert auto["threads"] == flags["threads"] == 1
     assert len(_tar_hashes(tmp_path / "auto")) == 2
     assert _tar_hashes(tmp_path / "auto") == _tar_hashes(tmp_path / "flags")
