@@ -19,6 +19,13 @@ from tests.harness.isolation import isolate_session, remove_session  # noqa: E40
 # once, at import: this runs before anything imports ray.
 SESSION_ROOT = isolate_session()
 
+from tests.harness.s3_server import isolate_s3  # noqa: E402
+
+# The S3 server's endpoint and credentials, through the standard AWS variables, are set before
+# any Ray process starts, so Ray workers inherit them as they would a user's; the server itself
+# starts on first use (the `s3_server` fixture).
+S3_PORT = isolate_s3()
+
 from tests.harness.ray_head import RayHead  # noqa: E402
 
 
@@ -50,6 +57,16 @@ def laion_sample() -> Path:
     if not path.exists():
         pytest.skip("../shared/data/laion_sample_10000.parquet is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (`moto_server` on 127.0.0.1) for the whole session, at AWS_ENDPOINT_URL."""
+    from tests.harness.s3_server import S3Server
+
+    server = S3Server(root=tmp_path_factory.mktemp("s3_server"), port=S3_PORT).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,40 @@ import uuid
 from typing import IO, Any, Iterator
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
+from fsspec.registry import get_filesystem_class
+
+from latentforge.config import ConfigError
 
 CHUNK = 1 << 20
+# The pip extra (pyproject's optional-dependencies) that installs each optional object-store backend;
+# s3fs (s3://, and MinIO / R2 through AWS_ENDPOINT_URL) is a dependency of the package itself.
+BACKEND_EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure", "adl": "azure"}
+
+
+class StorageBackendMissing(ConfigError):
+    """A URI's scheme needs an fsspec backend that is not installed (a usage error: the jobs exit 2)."""
+
+
+def check_backend(uri: str) -> None:
+    """Refuse a URI whose scheme has no installed backend, in one line that names what to install."""
+    protocol = split_protocol(uri)[0]
+    if protocol is None:
+        return
+    try:
+        get_filesystem_class(protocol)
+    except ImportError as exc:
+        extra = BACKEND_EXTRAS.get(protocol)
+        fix = f"pip install 'latentforge[{extra}]'" if extra else " ".join(str(exc).split())
+        raise StorageBackendMissing(f"{uri}: {protocol}:// needs a storage backend that is not installed: "
+                                    f"{fix}") from None
+    except ValueError:
+        raise ConfigError(f"{uri}: unknown storage scheme {protocol}://") from None
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the path inside it for a local path or URI."""
+    check_backend(uri)
     return url_to_fs(uri)
 
 

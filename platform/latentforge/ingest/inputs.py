@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from latentforge import storage
 from latentforge.ingest.config import IngestConfig
@@ -93,7 +92,9 @@ def file_format(uri: str, forced: str = "auto") -> str | None:
 def list_input_files(uri: str, forced: str = "auto") -> list[str]:
     """The input's files, sorted; a directory contributes its files of known formats."""
     try:
-        fs, path = url_to_fs(uri)
+        fs, path = storage.filesystem(uri)
+    except storage.StorageBackendMissing:
+        raise
     except (ValueError, ImportError) as exc:
         raise InputError(f"cannot open input {uri!r}: {exc}") from exc
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
