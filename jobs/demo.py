@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = parse_config(DemoConfig, argv, preset_dir=_bootstrap.PRESETS / "demo")
+        config.check_required()  # not in validate(): --print-config (in parse_config) shows an incomplete config
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     except ConfigError as exc:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from latentforge.demo import (COLOURS, POSITIONS, SHAPES, DemoImageServer, build_scene_set, caption_for,
                               classify_pixels, image_adherence, parse_caption, render_scene, score_images)
-from latentforge.demo.adherence import BACKGROUND_LABEL
+from latentforge.demo.adherence import BACKGROUND_LABEL, Z_95, AdherenceResult, format_share, wilson_interval
 from latentforge.demo.scenes import BACKGROUND, eval_prompts
 from latentforge.demo.server import BROKEN_KINDS, url_rows, write_url_list
 
@@ -142,3 +142,21 @@ def test_block_average_removes_pixel_noise_but_keeps_a_shape() -> None:
     assert image_adherence(noisy, "a blue square on the right")["colour_ok"] is True  # 8 x 8 cells
     assert block_average(noisy, 8).shape == (8, 8, 3)
     assert block_average(noisy, None).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(("share", "n"), [(0.0, 10), (0.3, 20), (0.88, 48), (0.94, 288), (1.0, 288)])
+def test_wilson_interval_solves_the_score_equation(share: float, n: int) -> None:
+    """Each end p of the Wilson interval is where the share sits z standard errors (at p) away from p."""
+    low, high = wilson_interval(share, n)
+    assert 0.0 <= low <= share <= high <= 1.0
+    for end in (low, high):
+        assert abs(share - end) == pytest.approx(Z_95 * (end * (1 - end) / n) ** 0.5, abs=1e-9)
+    assert wilson_interval(0.0, 10)[1] == pytest.approx(Z_95 ** 2 / (10 + Z_95 ** 2))  # the closed form at 0 of n
+    assert wilson_interval(0.5, 0) == (0.0, 1.0)
+
+
+def test_adherence_figures_print_their_interval() -> None:
+    assert format_share(253 / 288, 288) == "88% [84, 91]"
+    assert format_share(42 / 48, 48) == "88% [75, 94]"  # 48 images: the demo measures on more
+    result = AdherenceResult(288, colour=0.94, position=0.9, both=0.88)
+    assert result.describe().endswith("both 88% [84, 91] of 288 images (95 % intervals)")

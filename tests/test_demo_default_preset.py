@@ -12,4 +12,4 @@ def test_make_demo_runs_what_the_default_preset_says():
     preset = parse_config(DemoConfig, ["--preset", "default"], preset_dir=_bootstrap.PRESETS / "demo")
     plain = parse_config(DemoConfig, [], preset_dir=_bootstrap.PRESETS / "demo")
     assert config_to_dict(plain) == config_to_dict(preset)
-    assert (plain.unet_preset, plain.steps) == ("tiny-pooled", 1500)
+    assert (plain.unet_preset, plain.steps) == ("tiny-pooled", 2200)

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from latentforge.ingest.config import FAILURE_REASONS
+from latentforge.demo.adherence import format_share
 from latentforge.manifest import read_manifest
 
 # The smoke demo trains for real (an autoencoder, then the UNet): minutes on an idle 2-core machine,
@@ -77,6 +78,7 @@ def test_demo_writes_every_stage_and_a_summary(demo_smoke_run) -> None:
     for needle in ("LatentForge demo", str(out / "shards"), str(out / "latents"), "adherence: colour",
                    "untrained ->", demo_smoke_run.tracking_uri, "upscaler vs bicubic", "bicubic upsampling of the same"):
         assert needle in text, needle
+    assert f"{format_share(after['both'], after['n'])} trained" in text  # each figure with its 95 % interval
 
 
 def test_demo_stage_runs_are_grouped_and_linked(demo_smoke_run) -> None:

@@ -12,10 +12,13 @@ the same thing before and after training):
   names (left/right/top/bottom).
 A model that draws a random palette colour scores about 1/len(COLOURS) on colour by chance;
 pure noise scores about 0.
+Each share comes with its 95 % Wilson score interval (`wilson_interval`): on a few dozen images one
+image moves a share by 2 points, so a figure means little without it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
@@ -96,6 +99,30 @@ def image_shape(image: Any, max_distance: float = 60.0, min_pixels: int = 8) -> 
     return min(SHAPE_FILL, key=lambda shape: abs(SHAPE_FILL[shape] - fill))
 
 
+Z_95 = 1.959964
+"""The standard normal quantile of a two-sided 95 % interval."""
+
+
+def wilson_interval(share: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval (95 % by default) of a share measured on `n` images.
+
+    Wilson rather than share +- z * standard error: it stays inside [0, 1] and keeps its coverage near
+    0 % and 100 %, where the demo's figures sit. n = 0 gives (0, 1): nothing is known.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    z2n = z * z / n
+    centre = (share + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(share * (1 - share) / n + z2n / (4 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_share(share: float, n: int) -> str:
+    """`88% [84, 91]`: a share with its 95 % Wilson interval in percentage points."""
+    low, high = wilson_interval(share, n)
+    return f"{share:.0%} [{low * 100:.0f}, {high * 100:.0f}]"
+
+
 @dataclass
 class AdherenceResult:
     """Shares of images (0..1) that follow their prompt."""
@@ -112,8 +139,9 @@ class AdherenceResult:
         return {f"{prefix}_{k}": float(v) for k, v in asdict(self).items() if k not in ("chance_colour",)}
 
     def describe(self) -> str:
-        return (f"colour {self.colour:.0%}, position {self.position:.0%}, both {self.both:.0%} "
-                f"of {self.n} images")
+        shares = ", ".join(f"{what} {format_share(getattr(self, what), self.n)}"
+                           for what in ("colour", "position", "both"))
+        return f"{shares} of {self.n} images (95 % intervals)"
 
 
 def score_images(pairs: Iterable[tuple[Any, str]], **kwargs: Any) -> AdherenceResult:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from latentforge.demo.adherence import format_share
 from latentforge.demo.config import DemoConfig
 from latentforge.reporting import summary_table
 
@@ -75,14 +76,16 @@ def _autoencoder_row(config: DemoConfig, result: dict[str, Any]) -> tuple[str, s
 
 
 def _adherence_rows(config: DemoConfig, result: dict[str, Any]) -> list[tuple[str, str]]:
-    """untrained -> trained base (resolution) [-> cascade (upscale_to), the final resolution's number]."""
+    """untrained -> trained base (resolution) [-> cascade (upscale_to), the final resolution's number], each
+    share with its 95 % Wilson interval."""
     adherence = result["adherence"]
     stages = [("untrained", "untrained"), ("trained", f"trained {config.resolution} px")]
     if "cascade" in adherence:
         stages.append(("cascade", f"cascade {config.upscale_to} px"))
 
     def row(what: str) -> str:
-        return " -> ".join(f"{adherence[name][what]:.0%} {label}" for name, label in stages)
+        return " -> ".join(f"{format_share(adherence[name][what], adherence[name]['n'])} {label}"
+                           for name, label in stages)
 
     chance = f" (chance {adherence['trained']['chance_colour']:.0%})"
     return [("adherence: colour", row("colour") + chance), ("adherence: position", row("position")),
@@ -125,7 +128,8 @@ def summary_text(config: DemoConfig, paths: DemoPaths, result: dict[str, Any]) -
                "The trained model did NOT beat the untrained one on colour adherence; train longer (--steps).")
     lines = [summary_table("LatentForge demo", rows), verdict,
              f"Adherence: share of {after['n']} generated images whose requested colour dominates (and sits "
-             f"where the caption says), measured with latentforge.demo.adherence."]
+             f"where the caption says), measured with latentforge.demo.adherence; [low, high]: its 95 % "
+             f"Wilson score interval."]
     if result.get("upscaler"):
         gain = result["upscaler"]["metrics"]["sr_psnr_gain_db"]
         lines.append(f"The upscaler {'beats' if gain > 0 else 'does NOT beat'} bicubic upsampling of the same "
