@@ -81,7 +81,7 @@ def test_the_export_upsamples_given_images(trained, tmp_path) -> None:
 
 def _upscale_directly(export, low: np.ndarray, prompts: list[str], seeds: list[int], config) -> np.ndarray:
     """uint8 (B, 32, 32, 3): the upscaler export loaded and sampled in this process, with the job's settings."""
-    from latentforge.generation.export import load_export
+    from latentforge.trained_model import load_export
     from latentforge.generation.sampler import SampleParams
     from latentforge.upscaler.sampling import Upscaler
 
