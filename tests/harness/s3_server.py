@@ -9,13 +9,13 @@ exactly what a user's MinIO or R2 set-up gives them. The server itself starts on
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.harness.mlflow_server import stop_process_group
 from tests.harness.ray_head import VENV_BIN, free_port, venv_env
 
 
@@ -70,11 +70,4 @@ class S3Server:
         return f"s3://{name}"
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+        stop_process_group(self.process)
