@@ -152,7 +152,11 @@ def node_addresses() -> list[str]:
 
 
 def _storage_view(path: str, marker: str) -> str:
-    """On a node: a key of run_storage.STORAGE_VIEWS for what it sees at the driver's storage path."""
+    """On a node: a key of run_storage.STORAGE_VIEWS for what it sees at the driver's storage path.
+
+    Only ever called for a node-local path (`run_storage.is_local_path`: object storage needs no such
+    check), so the local filesystem calls here are the point: what this node's own disk holds there.
+    """
     return "same" if os.path.exists(marker) else "other" if os.path.isdir(path) else "missing"
 
 
